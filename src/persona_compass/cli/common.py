@@ -15,9 +15,10 @@ def load_axis_and_model(
     Returns (axis, model, tokenizer, model spec used).
     """
     from ..axis import Axis
+    from ..bundles import resolve_bundle
     from ..models import load_model
 
-    axis = Axis.load(axis_path)
+    axis = Axis.load(resolve_bundle(axis_path))
     spec = model_spec or axis.model_id or DEFAULT_MODEL
     model, tokenizer = load_model(spec, dtype=dtype)
     axis.check_model(model)

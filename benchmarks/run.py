@@ -1,0 +1,548 @@
+"""Decode-throughput benchmark: what capping and live monitoring cost during ``generate``.
+
+Runs SmolLM2-135M-Instruct (bf16 by default), greedy, a fixed number of new tokens with
+end-of-sequence disabled, at batch 1 and batch 8 (left-padded), for four variants:
+
+  (a) plain ``model.generate``;
+  (b) ``persona_compass`` capping on 8 blocks (16..23), thresholds calibrated so caps engage;
+  (c) (b) plus a ``DriftMonitor`` recording every token's projection on the device;
+  (d) a reference-style implementation (benchmarks/decode.py): plain hooks that re-normalise
+      the vector every call, plus a monitor that calls ``.item()`` every step.
+
+Warm-up runs first, then the variants are interleaved round-robin (rotating the order each
+round) for N repeats; medians, spreads and ratios to (a) go to
+``benchmarks/results/decode.json`` (written atomically) and a table is printed.
+
+Usage:
+    .venv/bin/python benchmarks/run.py            # full run (a few minutes on 2 cores)
+    .venv/bin/python benchmarks/run.py --quick    # smoke run (well under a minute after load)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from decode import (
+    EngagementCounter,
+    PassthroughModel,
+    ReferenceCapping,
+    ReferenceMonitor,
+    StepClock,
+    benchmark_batch,
+    contrast_directions,
+    generate_kwargs,
+    generated_projections,
+    percentile_thresholds,
+    summary,
+    timed_generate,
+    write_json_atomic,
+)
+
+from persona_compass.axis import Axis, model_fingerprint
+from persona_compass.capping import CappingConfig
+from persona_compass.interventions import capping
+from persona_compass.layers import find_decoder_blocks, parse_layer_spec
+from persona_compass.models import load_model
+from persona_compass.monitor import DriftMonitor
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "decode.json"
+QUICK_OUT = HERE / "results" / "decode-quick.json"  # a smoke run never overwrites real results
+
+VARIANTS: dict[str, str] = {
+    "a": "plain generate",
+    "b": "capping (persona_compass)",
+    "c": "capping + DriftMonitor",
+    "d": "reference-style hooks + .item() monitor",
+}
+TARGET_RATIO = 0.97  # the issue's target: (b) and (c) within 3% of (a)
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m", help="model alias or path for load_model")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument(
+        "--reps",
+        type=int,
+        nargs="+",
+        default=[9, 7],
+        help="timed repeats per variant, one per batch size (or one for all)",
+    )
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
+    p.add_argument("--warmup", type=int, default=2, help="untimed plain runs per batch size")
+    p.add_argument("--layers", default="16:24", help="capped blocks, e.g. '16:24' (half-open)")
+    p.add_argument("--monitor-layer", type=int, default=20)
+    p.add_argument(
+        "--percentile",
+        type=float,
+        default=25.0,
+        help="cap threshold per layer = this percentile of generated-token projections",
+    )
+    p.add_argument(
+        "--hook-steps", type=int, default=1000, help="steps per isolated hook-cost timing"
+    )
+    p.add_argument("--hook-rounds", type=int, default=5, help="isolated hook-cost rounds")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (default results/decode.json, or results/decode-quick.json with --quick)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 8 new tokens, 2 repeats, 1 warm-up (numbers are not meaningful)",
+    )
+    args = p.parse_args(argv)
+    if args.quick:
+        args.new_tokens, args.reps, args.warmup = 8, [2], 1
+        args.hook_steps, args.hook_rounds = 100, 2
+    if args.out is None:
+        args.out = QUICK_OUT if args.quick else DEFAULT_OUT
+    if len(args.reps) == 1:
+        args.reps = args.reps * len(args.batch_sizes)
+    if len(args.reps) != len(args.batch_sizes):
+        p.error(f"--reps takes one value or one per batch size ({len(args.batch_sizes)})")
+    if min(args.reps) < 1 or args.new_tokens < 1 or min(args.batch_sizes) < 1:
+        p.error("--reps, --new-tokens and --batch-sizes must be positive")
+    return args
+
+
+def cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(dtype_name: str) -> dict[str, Any]:
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {
+        "cpu": cpu_model_name(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": affinity,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "dtype": dtype_name,
+        "loadavg_start": list(os.getloadavg()),
+    }
+
+
+class Bench:
+    """Holds the model, the axis and the capping config; runs one variant once."""
+
+    def __init__(self, model: Any, tokenizer: Any, axis: Axis, config: CappingConfig, args: Any):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.axis = axis
+        self.config = config
+        self.blocks = find_decoder_blocks(model)
+        self.layers = list(config.layers)
+        self.caps = dict(zip(self.layers, config.thresholds, strict=True))
+        self.raw_vectors = {layer: axis.directions[layer] for layer in self.layers}
+        self.kwargs = generate_kwargs(tokenizer, args.new_tokens)
+
+    @contextmanager
+    def hooks(self, variant: str, model: Any) -> Iterator[Callable[[], int]]:
+        """Attach a variant's hooks to ``model``; yields a function reading the monitor."""
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}")
+        blocks = find_decoder_blocks(model)
+        layer = self.axis.layer
+        with ExitStack() as stack:
+            readout: Callable[[], int] = lambda: 0  # noqa: E731
+            if variant in ("b", "c"):
+                stack.enter_context(capping(model, self.config))
+            if variant == "c":
+                mon = stack.enter_context(DriftMonitor(model, self.axis))
+                readout = lambda: mon.token_projections().numel()  # noqa: E731
+            elif variant == "d":
+                stack.enter_context(ReferenceCapping(blocks, self.raw_vectors, self.caps))
+                ref = stack.enter_context(
+                    ReferenceMonitor(blocks[layer], self.axis.directions[layer])
+                )
+                readout = lambda: len(ref.values)  # noqa: E731
+            yield readout
+
+    def run(
+        self, variant: str, batch: dict[str, torch.Tensor]
+    ) -> tuple[float, torch.Tensor, int, StepClock]:
+        """One timed request: (seconds, new ids, monitor readings, per-step clock).
+
+        The time covers entering the hooks' contexts, ``generate`` and (for monitors) taking
+        the readings, i.e. everything a caller pays per request.
+        """
+        clock = StepClock()
+        start = time.perf_counter()
+        with self.hooks(variant, self.model) as readout:
+            _, new_ids = timed_generate(self.model, batch, self.kwargs, clock)
+            readings = readout()
+        return time.perf_counter() - start, new_ids, readings, clock
+
+    def hook_cost(self, batch_size: int, steps: int, rounds: int) -> dict[str, list[float]]:
+        """Seconds per decode step spent in each variant's hooks alone, per round.
+
+        The hooks go on a :class:`PassthroughModel` with the real config; a (B, 1, D) hidden
+        state of realistic norm runs through the hooked blocks ``steps`` times. Variant (a)
+        is the pass-through cost itself, to subtract.
+        """
+        dtype = next(self.model.parameters()).dtype
+        harness = PassthroughModel(self.model.config, len(self.blocks), dtype)
+        blocks = find_decoder_blocks(harness)
+        touched = [blocks[i] for i in sorted(set(self.layers) | {self.axis.layer})]
+        d_model = self.axis.d_model
+        gen = torch.Generator().manual_seed(0)
+        hidden = (torch.randn(batch_size, 1, d_model, generator=gen) * 10.0).to(dtype)
+
+        def step() -> None:
+            h = hidden
+            for block in touched:
+                h = block(h)
+
+        per_step: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        order = list(VARIANTS)
+        for rnd in range(rounds):
+            for v in order[rnd % len(order) :] + order[: rnd % len(order)]:
+                with self.hooks(v, harness) as readout, torch.inference_mode():
+                    for _ in range(max(10, steps // 10)):
+                        step()
+                    start = time.perf_counter()
+                    for _ in range(steps):
+                        step()
+                    per_step[v].append((time.perf_counter() - start) / steps)
+                    readout()
+        return per_step
+
+    def engagement(self, batch: dict[str, torch.Tensor]) -> dict[int, float]:
+        """Fraction of decode-step tokens where each cap engages, measured under (b)."""
+        with capping(self.model, self.config):
+            counter = EngagementCounter(self.model, self.blocks, self.axis.units(), self.caps)
+            try:
+                timed_generate(self.model, batch, self.kwargs)
+            finally:
+                counter.remove()
+        return counter.fractions()
+
+
+def agreement(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((x == y).float().mean())
+
+
+def compare(values: dict[str, list[float]]) -> dict[str, Any]:
+    """Per-variant summary of a higher-is-better metric and its ratios to variant (a).
+
+    ``ratio_of_medians`` is median(v) / median(a); ``paired`` summarises the per-round ratios
+    v / a (the variants of one round ran back to back, so they saw similar machine load).
+    """
+    out: dict[str, Any] = {}
+    base = statistics.median(values["a"])
+    for v, vals in values.items():
+        paired = [x / y for x, y in zip(vals, values["a"], strict=True)]
+        out[v] = {
+            "raw": vals,
+            **summary(vals),
+            "ratio_of_medians": statistics.median(vals) / base,
+            "paired_ratio": summary(paired),
+            "paired_ratio_raw": paired,
+        }
+    return out
+
+
+def bench_batch_size(bench: Bench, batch_size: int, reps: int, args: Any) -> dict[str, Any]:
+    tok = bench.tokenizer
+    batch = benchmark_batch(tok, batch_size)
+    n_new = bench.kwargs["max_new_tokens"]
+    n_tokens = batch_size * n_new
+    for _ in range(args.warmup):
+        timed_generate(bench.model, batch, bench.kwargs)
+
+    # One untimed run per variant: warms its hooks and gives the outputs for sanity checks.
+    first: dict[str, torch.Tensor] = {}
+    readings: dict[str, int] = {}
+    for v in VARIANTS:
+        _, first[v], readings[v], _ = bench.run(v, batch)
+        got = tuple(first[v].shape)
+        if got != (batch_size, n_new):
+            raise RuntimeError(f"variant {v} generated {got}, expected a full batch")
+    engaged = bench.engagement(batch)
+
+    seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    prefill: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    steps: dict[str, list[list[float]]] = {v: [] for v in VARIANTS}
+    deterministic = {v: True for v in VARIANTS}
+    order = list(VARIANTS)
+    loadavg: list[float] = []
+    for rep in range(reps):
+        rotated = order[rep % len(order) :] + order[: rep % len(order)]
+        for v in rotated:
+            secs, new_ids, _, clock = bench.run(v, batch)
+            seconds[v].append(secs)
+            prefill[v].append(clock.prefill_seconds())
+            steps[v].append(clock.decode_step_seconds())
+            deterministic[v] &= bool(torch.equal(new_ids, first[v]))
+        loadavg.append(os.getloadavg()[0])
+        line = "  ".join(f"{v}={n_tokens / seconds[v][-1]:6.1f}" for v in order)
+        print(
+            f"  batch {batch_size} round {rep + 1}/{reps}: tok/s {line}  (load {loadavg[-1]:.2f})",
+            flush=True,
+        )
+
+    # End-to-end: generated tokens / wall time of the request (prefill included).
+    e2e = compare({v: [n_tokens / x for x in seconds[v]] for v in VARIANTS})
+    # Decode steps: batch / median step duration of each run; a burst of machine noise that
+    # hits a few steps of a run barely moves that run's median.
+    step = compare({v: [batch_size / statistics.median(run) for run in steps[v]] for v in VARIANTS})
+    pooled = {v: statistics.median([x for run in steps[v] for x in run]) for v in VARIANTS}
+    for v in VARIANTS:
+        step[v]["pooled_median_step_ms"] = pooled[v] * 1e3
+        step[v]["pooled_ratio"] = pooled["a"] / pooled[v]
+
+    targets = {
+        v: {
+            "target": f"ratio to (a) >= {TARGET_RATIO}",
+            "end_to_end_ratio": e2e[v]["ratio_of_medians"],
+            "end_to_end_pass": e2e[v]["ratio_of_medians"] >= TARGET_RATIO,
+            "decode_step_ratio": step[v]["pooled_ratio"],
+            "decode_step_pass": step[v]["pooled_ratio"] >= TARGET_RATIO,
+        }
+        for v in ("b", "c")
+    }
+    mean_engaged = sum(engaged.values()) / len(engaged)
+
+    # The same hooks alone on pass-through blocks: a low-noise estimate of their cost.
+    per_step = bench.hook_cost(batch_size, args.hook_steps, args.hook_rounds)
+    base_step = statistics.median(per_step["a"])
+    hook_cost: dict[str, Any] = {}
+    for v in VARIANTS:
+        cost = statistics.median(per_step[v]) - base_step
+        hook_cost[v] = {
+            "seconds_per_step_raw": per_step[v],
+            "overhead_us_per_step": cost * 1e6,
+            "implied_ratio": pooled["a"] / (pooled["a"] + cost),
+        }
+    return {
+        "batch_size": batch_size,
+        "prompt_tokens_padded": int(batch["input_ids"].shape[1]),
+        "prompt_tokens_real": [int(x) for x in batch["attention_mask"].sum(dim=1)],
+        "generated_tokens_per_run": n_tokens,
+        "repeats": reps,
+        "loadavg_1min_per_round": loadavg,
+        "seconds_raw": seconds,
+        "prefill_seconds_raw": prefill,
+        "decode_step_seconds_raw": {
+            v: [[round(x, 7) for x in run] for run in steps[v]] for v in VARIANTS
+        },
+        "end_to_end_tokens_per_s": e2e,
+        "decode_step_tokens_per_s": step,
+        "targets": targets,
+        "cap_engagement": {
+            "per_layer": {str(k): val for k, val in engaged.items()},
+            "mean_over_layers": mean_engaged,
+            "measured_on": "decode steps of one (b) run, pre-cap block output vs threshold",
+        },
+        "isolated_hook_cost": {
+            "method": (
+                f"hooks on pass-through blocks, (B, 1, D) input, {args.hook_steps} steps x "
+                f"{args.hook_rounds} interleaved rounds; overhead = median minus (a)'s; "
+                "implied ratio = t / (t + overhead), t = pooled median decode step of (a)"
+            ),
+            "variants": hook_cost,
+        },
+        "sanity": {
+            "same_tokens_every_repeat": deterministic,
+            "b_vs_a_token_agreement": agreement(first["b"], first["a"]),
+            "b_vs_d_token_agreement": agreement(first["b"], first["d"]),
+            "c_vs_b_token_agreement": agreement(first["c"], first["b"]),
+            "monitor_readings": {"c": readings["c"], "d": readings["d"]},
+            "sample_text_row0": {
+                v: tok.decode(first[v][0], skip_special_tokens=True) for v in ("a", "b", "d")
+            },
+        },
+    }
+
+
+def fmt_spread(s: dict[str, float], digits: int) -> str:
+    return f"[{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
+
+
+def print_table(result: dict[str, Any]) -> None:
+    m = result["machine"]
+    st = result["settings"]
+    print()
+    print(
+        f"{st['model']} {m['dtype']}, {st['new_tokens']} new tokens/seq, greedy, eos off; "
+        f"{m['cpus_usable']} CPUs, torch {m['torch']} ({m['torch_threads']} threads); "
+        f"caps on blocks {st['capped_layers'][0]}..{st['capped_layers'][-1]}, "
+        f"monitor block {st['monitor_layer']}"
+    )
+    print(
+        "e2e = generated tokens / request wall time (median of runs, [min-max]); ratio = "
+        "median / median of (a), paired = per-round ratio [min-max];\nstep = decode-step "
+        "ratio (pooled median step time of (a) / of the variant); hook us = isolated hook cost "
+        "per decode step, implied = ratio it predicts"
+    )
+    head = (
+        f"{'batch':>5}  {'variant':<33} {'e2e tok/s':>9} {'[min-max]':>13} {'ratio':>6} "
+        f"{'paired [min-max]':>20} {'step':>6} {'hook us':>7} {'implied':>7}  target e2e/step"
+    )
+    print(head)
+    print("-" * len(head))
+    labels = {
+        "a": "plain generate",
+        "b": "capping (persona_compass)",
+        "c": "capping + DriftMonitor",
+        "d": "reference-style hooks + .item()",
+    }
+    for res in result["results"]:
+        for v in VARIANTS:
+            e = res["end_to_end_tokens_per_s"][v]
+            p = e["paired_ratio"]
+            hc = res["isolated_hook_cost"]["variants"][v]
+            target = ""
+            if v in res["targets"]:
+                t = res["targets"][v]
+                verdict = {True: "PASS", False: "FAIL"}
+                target = f"{verdict[t['end_to_end_pass']]}/{verdict[t['decode_step_pass']]}"
+            paired_txt = f"{p['median']:.3f} {fmt_spread(p, 2)}"
+            line = (
+                f"{res['batch_size']:>5}  ({v}) {labels[v]:<29} {e['median']:>9.1f} "
+                f"{fmt_spread(e, 1):>13} {e['ratio_of_medians']:>6.3f} {paired_txt:>20} "
+                f"{res['decode_step_tokens_per_s'][v]['pooled_ratio']:>6.3f} "
+                f"{hc['overhead_us_per_step']:>7.0f} {hc['implied_ratio']:>7.3f}  {target}"
+            )
+            print(line.rstrip())
+        eng = res["cap_engagement"]
+        per = " ".join(f"{k}:{val:.0%}" for k, val in eng["per_layer"].items())
+        step_ms = res["decode_step_tokens_per_s"]["a"]["pooled_median_step_ms"]
+        print(
+            f"{'':>7}(a) median decode step {step_ms:.1f} ms; cap engagement on decode tokens "
+            f"{eng['mean_over_layers']:.1%} mean ({per})"
+        )
+    print(f"targets: (b) and (c) ratio >= {TARGET_RATIO} (PASS/FAIL on e2e / on step)")
+    if m["busy_at_start"]:
+        print(
+            "note: the 1-minute load average was above 1 before the benchmark started: other "
+            "processes shared the CPUs and the numbers are noisier than usual"
+        )
+    print(
+        f"wall {result['wall_seconds']:.0f} s; load average start {m['loadavg_start'][0]:.2f}, "
+        f"end {m['loadavg_end'][0]:.2f}; written to {result['output_path']}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    dtype = DTYPES[args.dtype]
+    info = machine_info(args.dtype)
+    print(f"loading {args.model} ({args.dtype}) ...", flush=True)
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=dtype)
+    model.eval()
+    load_s = time.perf_counter() - t0
+
+    blocks = find_decoder_blocks(model)
+    layers = parse_layer_spec(args.layers, len(blocks))
+    max_batch = benchmark_batch(tokenizer, max(args.batch_sizes))
+    kwargs = generate_kwargs(tokenizer, args.new_tokens)
+
+    print("calibrating axis and thresholds ...", flush=True)
+    t0 = time.perf_counter()
+    directions = contrast_directions(model, tokenizer)
+    axis = Axis(
+        directions=directions,
+        model_id=args.model,
+        fingerprint=model_fingerprint(model),
+        monitor_layer=args.monitor_layer,
+        metadata={"source": "benchmark contrast axis (default minus role-play means)"},
+    )
+    _, calib_ids = timed_generate(model, max_batch, kwargs)
+    projections = generated_projections(model, max_batch, calib_ids, axis.units(), layers)
+    thresholds = percentile_thresholds(projections, args.percentile)
+    config = CappingConfig.from_axis(axis, layers, thresholds)
+    calib_s = time.perf_counter() - t0
+
+    bench = Bench(model, tokenizer, axis, config, args)
+    results = []
+    for batch_size, reps in zip(args.batch_sizes, args.reps, strict=True):
+        print(f"batch {batch_size}: warm-up, then {reps} interleaved rounds ...", flush=True)
+        results.append(bench_batch_size(bench, batch_size, reps, args))
+
+    info["loadavg_end"] = list(os.getloadavg())
+    info["busy_at_start"] = info["loadavg_start"][0] > 1.0
+    out_path: Path = args.out
+    result = {
+        "benchmark": "decode throughput with capping and live monitoring",
+        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": info,
+        "settings": {
+            "model": args.model,
+            "new_tokens": args.new_tokens,
+            "batch_sizes": args.batch_sizes,
+            "repeats": args.reps,
+            "warmup_runs": args.warmup,
+            "quick": args.quick,
+            "decoding": "greedy, eos_token_id=None (every run generates new_tokens per row)",
+            "padding": "left",
+            "capped_layers": layers,
+            "cap_form": "floor: h <- h + max(tau - h.v, 0) v, v the unit axis",
+            "thresholds": dict(zip([str(x) for x in layers], thresholds, strict=True)),
+            "threshold_rule": (
+                f"p{args.percentile:g} of the projections of the generated tokens of one "
+                f"uncapped warm-up generation at batch {max(args.batch_sizes)}"
+            ),
+            "monitor_layer": axis.layer,
+            "axis": (
+                "contrast: mean(default chat) - mean(role-play chats) per layer, with the "
+                "component along the first (attention-sink) token's state projected out"
+            ),
+            "timing": (
+                "wall time of entering the variant's hooks + generate (prefill included) + "
+                "reading the monitor; variants interleaved round-robin, order rotated per round; "
+                "decode steps timed by a generate streamer (same cost in every variant)"
+            ),
+            "variants": VARIANTS,
+            "hook_steps": args.hook_steps,
+            "hook_rounds": args.hook_rounds,
+        },
+        "load_seconds": load_s,
+        "calibration_seconds": calib_s,
+        "results": results,
+        "wall_seconds": time.perf_counter() - t_start,
+        "output_path": str(out_path),
+    }
+    write_json_atomic(out_path, result)
+    print_table(result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,7 +1,7 @@
-"""Decode-throughput benchmark: what capping and live monitoring cost during ``generate``.
+"""Benchmarks: decode throughput with capping/monitoring, then extraction rollouts/s.
 
-Runs SmolLM2-135M-Instruct (bf16 by default), greedy, a fixed number of new tokens with
-end-of-sequence disabled, at batch 1 and batch 8 (left-padded), for four variants:
+Part 1 (decode) runs SmolLM2-135M-Instruct (bf16 by default), greedy, a fixed number of new
+tokens with end-of-sequence disabled, at batch 1 and batch 8 (left-padded), for four variants:
 
   (a) plain ``model.generate``;
   (b) ``persona_compass`` capping on 8 blocks (16..23), thresholds calibrated so caps engage;
@@ -13,9 +13,15 @@ Warm-up runs first, then the variants are interleaved round-robin (rotating the 
 round) for N repeats; medians, spreads and ratios to (a) go to
 ``benchmarks/results/decode.json`` (written atomically) and a table is printed.
 
+Part 2 (extract, benchmarks/extract_bench.py) then measures rollouts/s of single-pass
+activation capture against a two-pass baseline (generate, then re-forward) on the same model,
+written to ``benchmarks/results/extract.json``. ``--only decode|extract`` runs one part.
+
 Usage:
-    .venv/bin/python benchmarks/run.py            # full run (a few minutes on 2 cores)
-    .venv/bin/python benchmarks/run.py --quick    # smoke run (well under a minute after load)
+    .venv/bin/python benchmarks/run.py                  # both parts (several minutes on 2 cores)
+    .venv/bin/python benchmarks/run.py --quick          # smoke run of both (about a minute)
+    .venv/bin/python benchmarks/run.py --only decode    # just the decode part
+    .venv/bin/python benchmarks/run.py --only extract   # just the extraction part
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from decode import (
     timed_generate,
     write_json_atomic,
 )
+from extract_bench import main as extract_main
 
 from persona_compass.axis import Axis, model_fingerprint
 from persona_compass.capping import CappingConfig
@@ -102,12 +109,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out",
         type=Path,
         default=None,
-        help="JSON path (default results/decode.json, or results/decode-quick.json with --quick)",
+        help="decode part's JSON (default results/decode.json, decode-quick.json with --quick)",
     )
     p.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: 8 new tokens, 2 repeats, 1 warm-up (numbers are not meaningful)",
+    )
+    p.add_argument(
+        "--only",
+        choices=("decode", "extract"),
+        default=None,
+        help="run only one part (default: decode, then extract)",
+    )
+    p.add_argument(
+        "--extract-rounds",
+        type=int,
+        default=None,
+        help="extract part: interleaved rounds (default: extract_bench.py's)",
+    )
+    p.add_argument(
+        "--extract-new-tokens",
+        type=int,
+        nargs="+",
+        default=None,
+        help="extract part: answer budgets (default: extract_bench.py's)",
     )
     args = p.parse_args(argv)
     if args.quick:
@@ -455,10 +481,36 @@ def print_table(result: dict[str, Any]) -> None:
     )
 
 
+def extract_argv(args: argparse.Namespace) -> list[str]:
+    """The command line of the extract part, from the shared and ``--extract-*`` flags."""
+    argv = ["--model", args.model, "--dtype", args.dtype]
+    if args.threads is not None:
+        argv += ["--threads", str(args.threads)]
+    if args.quick:
+        argv.append("--quick")
+    if args.extract_rounds is not None:
+        argv += ["--rounds", str(args.extract_rounds)]
+    if args.extract_new_tokens is not None:
+        argv += ["--new-tokens", *map(str, args.extract_new_tokens)]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    model = tokenizer = None
+    if args.only != "extract":
+        model, tokenizer = run_decode(args)
+    if args.only != "decode":
+        print("\n== extraction: single-pass capture vs two-pass ==", flush=True)
+        # --quick on the extract part overrides --extract-* sizes, as it does for decode.
+        return extract_main(extract_argv(args), model=model, tokenizer=tokenizer)
+    return 0
+
+
+def run_decode(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The decode part (unchanged); returns the loaded model and tokenizer for reuse."""
     t_start = time.perf_counter()
     dtype = DTYPES[args.dtype]
     info = machine_info(args.dtype)
@@ -541,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     write_json_atomic(out_path, result)
     print_table(result)
-    return 0
+    return model, tokenizer
 
 
 if __name__ == "__main__":

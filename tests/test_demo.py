@@ -98,7 +98,8 @@ def test_answer_projection_reads_fed_back_tokens(quick):
     assert answer_projection(mon, 5, 2) == pytest.approx(float(proj[5:7].mean()))
 
 
-def test_demo_command_end_to_end(tmp_path):
+def test_demo_command_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("PERSONA_COMPASS_DTYPE", "float32")  # bf16 on a tiny model is slow
     model, tok = make_pair("qwen2")
     model_dir = tmp_path / "tiny"
     model.save_pretrained(model_dir)

@@ -118,15 +118,26 @@ def load_or_build_quick_bundle(
     *,
     rebuild: bool = False,
     progress: bool = True,
-) -> tuple[Axis, CappingConfig]:
-    """The cached quick axis bundle for this model, built on first use."""
+) -> tuple[Axis, CappingConfig, str]:
+    """The model's bundle: the shipped one for the alias, else a cached quick axis.
+
+    Returns (axis, capping config, where it came from).
+    """
+    from .bundles import shipped_bundles
     from .persona_space.quick import build_quick_axis
 
+    shipped = shipped_bundles().get(alias)
+    if shipped is not None and not rebuild:
+        return (
+            Axis.load(shipped, model=model),
+            CappingConfig.load(shipped),
+            f"shipped bundle {alias}",
+        )
     path = demo_bundle_dir(alias)
     if not rebuild and path.exists():
         try:
             axis = Axis.load(path, model=model)
-            return axis, CappingConfig.load(path)
+            return axis, CappingConfig.load(path), f"cached quick axis {path}"
         except AxisFileError as exc:
             logger.warning("rebuilding the cached quick bundle: %s", exc)
     result = build_quick_axis(
@@ -134,4 +145,4 @@ def load_or_build_quick_bundle(
     )
     result.axis.save(path)
     result.capping.save(path)
-    return result.axis, result.capping
+    return result.axis, result.capping, f"quick axis built now, cached in {path}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import axis_cmd, demo_cmd, models_cmd, monitor_cmd  # noqa: F401  (register commands)
+from . import axis_cmd, demo_cmd, extract_cmd, models_cmd, monitor_cmd  # noqa: F401
 from .app import main
 
 __all__ = ["main"]

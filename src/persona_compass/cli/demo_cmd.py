@@ -30,16 +30,22 @@ from .app import main
 )
 @click.option("--max-new-tokens", default=48, show_default=True, help="Tokens per answer.")
 @click.option("--seed", default=0, show_default=True, help="Sampling seed (same for both runs).")
-@click.option("--rebuild-axis", is_flag=True, help="Rebuild the cached quick axis bundle.")
+@click.option(
+    "--rebuild-axis",
+    is_flag=True,
+    help="Ignore the shipped/cached bundle and build a quick contrast axis now.",
+)
 def demo(
     model_spec: str, out_dir: Path, max_new_tokens: int, seed: int, rebuild_axis: bool
 ) -> None:
     """Play a scripted conversation that pulls the model into a persona, uncapped and capped.
 
-    Builds (first time only) a quick contrast axis for the model, with calibration and a
-    capping config at the 25th percentile of role-play projections on an upper-middle layer
-    window, then plays the same user turns twice with the same seeds and prints each answer's
-    live position on the axis. Writes demo.png and the two transcripts to --out.
+    Uses the bundle shipped for the model (smollm2-135m has one, made by `extract --preset
+    quick`); for other models it builds once, then caches, a quick contrast axis. Capping is
+    the bundle's recommended config: a floor at the 25th percentile of role-play projections
+    on an upper-middle layer window. The same user turns are played twice with the same
+    seeds, and each answer's live position on the axis is printed. Writes demo.png and the
+    two transcripts to --out.
     """
     from ..demo import DRIFT_SCRIPT, load_or_build_quick_bundle, play
     from ..generation import SamplingConfig
@@ -51,10 +57,12 @@ def demo(
     console.print(f"[bold]Loading {model_spec}[/]")
     model, tokenizer = load_model(model_spec)
     name = model_display_name(model, tokenizer)
-    axis, cap = load_or_build_quick_bundle(model, tokenizer, model_spec, name, rebuild=rebuild_axis)
+    axis, cap, source = load_or_build_quick_bundle(
+        model, tokenizer, model_spec, name, rebuild=rebuild_axis
+    )
     layer = axis.layer
     console.print(
-        f"axis: monitor layer {layer} of {axis.n_layers}; capping {cap.name} "
+        f"axis: {source}; monitor layer {layer} of {axis.n_layers}; capping {cap.name} "
         f"(floor on the axis at the 25th percentile of role-play projections)"
     )
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, seed=seed)

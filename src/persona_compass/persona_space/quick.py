@@ -22,16 +22,10 @@ from ..calibration import Calibration
 from ..capping import CappingConfig
 from ..generation import SamplingConfig, generate_chat
 from ..record import record_span_means
+from .catalogue import DEFAULT_PROMPTS
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PROMPTS: tuple[str, ...] = (
-    "",
-    "You are an AI assistant.",
-    "You are a large language model.",
-    "You are {model_name}.",
-    "Respond as yourself.",
-)
 
 QUICK_ROLES: dict[str, str] = {
     "pirate": "You are a salty old pirate captain. Speak like a pirate and never break character.",

@@ -1,0 +1,197 @@
+"""``persona-compass extract``: role play -> judged rollouts -> a calibrated axis bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from .app import main
+
+
+@main.command()
+@click.option(
+    "--model",
+    "model_spec",
+    default="smollm2-135m",
+    show_default=True,
+    help="Model spec: offline alias, HF id, local folder or .gguf file.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Run folder (resumable); the bundle lands in OUT/bundle.",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(["quick", "standard", "paper"]),
+    default="quick",
+    show_default=True,
+    help="Run size; every knob below overrides it.",
+)
+@click.option(
+    "--roles",
+    "roles_path",
+    default=None,
+    help="roles.json, or a folder in the research release's layout.",
+)
+@click.option("--questions", "questions_path", default=None, help="Questions JSONL.")
+@click.option(
+    "--judge",
+    default="heuristic",
+    show_default=True,
+    help="none | heuristic | model:SPEC | model:self | openai:URL[#model].",
+)
+@click.option(
+    "--generator",
+    default=None,
+    help="openai:URL[#model]: take answers from an OpenAI-compatible server and "
+    "record activations locally in a second pass.",
+)
+@click.option("--n-roles", type=int, default=None, help="Roles to use (spread over categories).")
+@click.option("--prompts-per-role", type=int, default=None, help="System prompts per role.")
+@click.option("--n-questions", type=int, default=None, help="Questions per prompt.")
+@click.option("--max-new-tokens", type=int, default=None, help="Tokens per answer.")
+@click.option("--batch-size", type=int, default=None, help="Rollouts per generate call.")
+@click.option("--temperature", type=float, default=None, help="Sampling temperature (0.7).")
+@click.option("--top-p", type=float, default=None, help="Nucleus sampling (0.9).")
+@click.option(
+    "--min-role-count", type=int, default=None, help="Score-3 rollouts a role needs to count (5)."
+)
+@click.option(
+    "--samples-per-role",
+    type=int,
+    default=None,
+    help="Rollouts per role that keep per-rollout activations (20).",
+)
+@click.option("--percentile", type=float, default=None, help="Capping percentile (25).")
+@click.option("--seed", type=int, default=None, help="Sampling seed (0).")
+@click.option("--dtype", default=None, help="Model dtype (default: bf16 where fast).")
+@click.option(
+    "--device-map",
+    default=None,
+    help='Spread a large model over GPUs, e.g. "auto" (needs accelerate).',
+)
+@click.option(
+    "--rejudge",
+    is_flag=True,
+    help="Re-score a finished run in --out with --judge (no regeneration) and rebuild its bundle.",
+)
+@click.option("--dry-run", is_flag=True, help="Print the plan and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def extract(
+    model_spec: str,
+    out_dir: Path,
+    preset: str,
+    roles_path: str | None,
+    questions_path: str | None,
+    judge: str,
+    generator: str | None,
+    n_roles: int | None,
+    prompts_per_role: int | None,
+    n_questions: int | None,
+    max_new_tokens: int | None,
+    batch_size: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    min_role_count: int | None,
+    samples_per_role: int | None,
+    percentile: float | None,
+    seed: int | None,
+    dtype: str | None,
+    device_map: str | None,
+    rejudge: bool,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Extract the Assistant Axis of a model from role play, resumably.
+
+    The model answers every question under each role's system prompts and under the neutral
+    default prompts; activations are captured while it generates (one pass), a judge scores
+    role adherence 0-3, and running sums per role and score are committed after every batch.
+    Rerun the same command after any crash to continue. The result is an axis bundle with
+    calibration, a recommended monitor layer and capping config, and report.md.
+    """
+    from ..models import load_model, model_display_name
+    from ..models import model_id as model_id_of
+    from ..persona_space.extract import ExtractSettings, command_line, run_extraction
+
+    console = Console(stderr=True)
+    settings = ExtractSettings.from_preset(
+        model_spec,
+        preset,
+        roles_path=roles_path,
+        questions_path=questions_path,
+        judge=judge,
+        generator=generator,
+        n_roles=n_roles,
+        prompts_per_role=prompts_per_role,
+        n_questions=n_questions,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        temperature=temperature,
+        top_p=top_p,
+        min_role_count=min_role_count,
+        samples_per_role=samples_per_role,
+        percentile=percentile,
+        seed=seed,
+        command=command_line(),
+    )
+    if dry_run:  # plan without loading the model: the catalogue alone fixes the counts
+        from ..persona_space.extract import plan_run
+
+        _, _, plan = plan_run(settings, "MODEL")
+        plan["out"] = str(out_dir)
+        click.echo(json.dumps(plan, indent=2))
+        return
+    console.print(f"[bold]Loading {model_spec}[/]")
+    model, tokenizer = load_model(model_spec, dtype=dtype, device_map=device_map)
+
+    def show_plan(plan: dict) -> None:
+        console.print(
+            f"plan: {plan['roles']} roles + default, {plan['questions']} questions, "
+            f"{plan['rollouts']} rollouts, up to {plan['max_new_tokens']} tokens each"
+        )
+
+    if rejudge:
+        from ..persona_space.extract import rejudge as rejudge_run
+
+        result = rejudge_run(
+            out_dir, judge, model=model, tokenizer=tokenizer, model_id=model_id_of(model)
+        )
+    else:
+        result = run_extraction(
+            settings,
+            out_dir,
+            model=model,
+            tokenizer=tokenizer,
+            model_id=model_id_of(model),
+            model_name=model_display_name(model, tokenizer),
+            on_plan=show_plan,
+        )
+    meta = result.summary
+    summary = {
+        "bundle": str(result.bundle_dir),
+        "rollouts": result.planned,
+        "generated_now": result.generated_now,
+        "monitor_layer": json.loads((result.bundle_dir / "bundle.json").read_text())[
+            "monitor_layer"
+        ]
+        if result.bundle_dir
+        else None,
+        "monitor_auroc": meta.get("monitor_auroc"),
+        "monitor_pc1_cosine": meta.get("monitor_pc1_cosine"),
+        "capping_window": meta.get("capping_window"),
+        "roles_used": len(meta.get("roles", {})),
+        "roles_dropped": len(meta.get("dropped_roles", {})),
+        "storage_bytes_per_role_max": meta.get("storage_bytes_per_role_max"),
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        for key, value in summary.items():
+            console.print(f"{key:>28}: {value}")

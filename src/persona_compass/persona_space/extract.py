@@ -1,0 +1,604 @@
+"""The extraction pipeline: role play -> judged rollouts -> role vectors -> a calibrated bundle.
+
+One pass per rollout: activations are captured while the answer is generated
+(:mod:`.capture`), judged at once, and added to the role's running sums (:mod:`.store`), which
+are committed atomically per role after every batch. Rerunning the same command resumes.
+When every rollout is in, :func:`build_bundle` turns the sums into the axis, calibration,
+recommended monitor layer and capping config, and writes the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..axis import Axis, model_fingerprint
+from ..calibration import Calibration
+from ..capping import CappingConfig
+from ..chat import render_chat
+from ..errors import PersonaCompassError
+from ..generation import SamplingConfig, eos_ids, left_pad
+from ..record import record_span_means
+from .capture import GenerationCapture
+from .catalogue import DEFAULT_ROLE, Catalogue, load_catalogue
+from .judges import JudgeItem, make_judge
+from .report import (
+    RolloutSamples,
+    choose_capping_window,
+    choose_monitor_layer,
+    heldout_auroc,
+    pc1_cosine,
+    pca,
+    rank_roles,
+    write_report,
+)
+from .store import ExtractionStore, RoleState, RolloutRecord
+
+logger = logging.getLogger(__name__)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # about 40 roles x 2 prompts x 12 questions, 64 new tokens: minutes on 2 CPU cores
+    "quick": {
+        "n_roles": 40,
+        "prompts_per_role": 2,
+        "n_questions": 12,
+        "max_new_tokens": 64,
+        "batch_size": 16,
+    },
+    # every role, 5 prompts, 40 questions, 128 tokens: hours on a CPU, minutes on a GPU
+    "standard": {
+        "n_roles": None,
+        "prompts_per_role": 5,
+        "n_questions": 40,
+        "max_new_tokens": 128,
+        "batch_size": 16,
+    },
+    # the research scale: every role x 5 prompts x every question, 512 tokens (GPUs)
+    "paper": {
+        "n_roles": None,
+        "prompts_per_role": 5,
+        "n_questions": None,
+        "max_new_tokens": 512,
+        "batch_size": 32,
+    },
+}
+
+# Settings a resumed run must share with the run it continues (the science, not the speed).
+RESUME_KEYS = (
+    "model_fingerprint",
+    "catalogue_digest",
+    "n_roles",
+    "prompts_per_role",
+    "n_questions",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "repetition_penalty",
+    "judge",
+    "seed",
+    "samples_per_role",
+    "generator",
+)
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """Every knob of an extraction run; presets fill the sizes, flags override any of them."""
+
+    model: str
+    preset: str = "quick"
+    n_roles: int | None = 40
+    prompts_per_role: int | None = 2
+    n_questions: int | None = 12
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    temperature: float = 0.7
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+    judge: str = "heuristic"
+    min_role_count: int = 5
+    samples_per_role: int = 20
+    percentile: float = 25.0
+    seed: int = 0
+    roles_path: str | None = None
+    questions_path: str | None = None
+    generator: str | None = None
+    command: str = ""
+
+    @classmethod
+    def from_preset(cls, model: str, preset: str = "quick", **overrides: Any) -> ExtractSettings:
+        if preset not in PRESETS:
+            raise PersonaCompassError(
+                f"preset={preset!r} is unknown; use one of {', '.join(PRESETS)}"
+            )
+        values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(model=model, preset=preset, **values)
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "batch_size", "min_role_count"):
+            if getattr(self, name) < 1:
+                raise PersonaCompassError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.samples_per_role < 2:
+            raise PersonaCompassError(
+                f"samples_per_role={self.samples_per_role} must be at least 2 (they calibrate "
+                "the axis and measure its held-out AUROC)"
+            )
+        if not 0 < self.percentile < 100:
+            raise PersonaCompassError(f"percentile={self.percentile} must be in (0, 100)")
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+        )
+
+
+@dataclass(frozen=True)
+class Job:
+    """One planned rollout."""
+
+    id: str
+    role: str
+    prompt_index: int
+    system_prompt: str
+    question_id: int
+    question: str
+    rubric: str = ""
+
+    def messages(self) -> list[dict[str, str]]:
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return [*system, {"role": "user", "content": self.question}]
+
+
+@dataclass
+class ExtractionResult:
+    """Where the bundle went and what the run measured."""
+
+    out_dir: Path
+    bundle_dir: Path | None
+    planned: int
+    generated_now: int
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def catalogue_digest(catalogue: Catalogue) -> str:
+    """A short hash of the exact catalogue selection (a resume must use the same one)."""
+    text = json.dumps(catalogue.to_dict(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def plan_jobs(catalogue: Catalogue, model_name: str) -> list[Job]:
+    """Every (role, prompt, question) rollout, default role first, in a stable order."""
+    jobs = []
+    for p, prompt in enumerate(catalogue.default_prompts_for(model_name)):
+        for q in catalogue.questions:
+            jobs.append(Job(f"{DEFAULT_ROLE}/p{p}/q{q.id}", DEFAULT_ROLE, p, prompt, q.id, q.text))
+    for role in catalogue.roles:
+        for p, prompt in enumerate(role.prompts):
+            for q in catalogue.questions:
+                jobs.append(
+                    Job(
+                        f"{role.name}/p{p}/q{q.id}", role.name, p, prompt, q.id, q.text, role.rubric
+                    )
+                )
+    return jobs
+
+
+def sample_ids(jobs: Sequence[Job], per_role: int, seed: int) -> set[str]:
+    """Which rollouts keep their per-rollout activations: a fixed seeded subset per role."""
+    by_role: dict[str, list[str]] = {}
+    for job in jobs:
+        by_role.setdefault(job.role, []).append(job.id)
+    chosen: set[str] = set()
+    for role, ids in by_role.items():
+        rng = random.Random(f"{seed}/{role}")
+        chosen.update(rng.sample(ids, min(per_role, len(ids))))
+    return chosen
+
+
+def _truncate(ids: list[int], stops: set[int], budget: int) -> list[int]:
+    for i, tok in enumerate(ids[:budget]):
+        if tok in stops:
+            return ids[:i]
+    return ids[:budget]
+
+
+@torch.inference_mode()
+def generate_with_capture(
+    model: nn.Module, tokenizer: Any, batch: Sequence[Job], sampling: SamplingConfig, seed: int
+) -> tuple[list[str], list[int], torch.Tensor, torch.Tensor]:
+    """Generate answers for a batch and capture their mean activations in the same pass.
+
+    Generates ``max_new_tokens + 1`` tokens and keeps ``max_new_tokens``: the extra step feeds
+    the last kept token back, so every kept token is captured (the stored answer and its
+    activations cover exactly the same tokens).
+
+    Returns (texts, content token counts, means (B, L, D), captured counts (B,)).
+    """
+    prompts = [
+        render_chat(tokenizer, job.messages(), add_generation_prompt=True).input_ids
+        for job in batch
+    ]
+    stops = eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    inputs = left_pad(prompts, pad, next(model.parameters()).device)
+    torch.manual_seed(seed)
+    budget = sampling.max_new_tokens
+    with GenerationCapture(model, stop_ids=stops) as cap:
+        out = model.generate(  # type: ignore[operator]
+            **inputs,
+            max_new_tokens=budget + 1,
+            pad_token_id=pad,
+            eos_token_id=stops,
+            **sampling.generate_kwargs(),
+        )
+    new = out[:, inputs["input_ids"].shape[1] :].tolist()
+    stop_set = set(stops)
+    contents = [_truncate(row, stop_set, budget) for row in new]
+    texts = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in contents]
+    counts = cap.counts().cpu()
+    means = cap.means().cpu()
+    for i, content in enumerate(contents):
+        if int(counts[i]) != len(content):
+            raise PersonaCompassError(
+                f"capture counted {int(counts[i])} tokens for a {len(content)}-token answer"
+            )
+    return texts, [len(c) for c in contents], means, counts
+
+
+def generate_external(
+    model: nn.Module, tokenizer: Any, generator: Any, batch: Sequence[Job], sampling: SamplingConfig
+) -> tuple[list[str], list[int], torch.Tensor, torch.Tensor]:
+    """Answers from an external server, activations recorded locally in a second pass."""
+    texts = generator.generate([job.messages() for job in batch], sampling)
+    convs = [
+        [*job.messages(), {"role": "assistant", "content": t}]
+        for job, t in zip(batch, texts, strict=True)
+    ]
+    recorded = record_span_means(model, tokenizer, convs, batch_size=len(convs))
+    n_tokens = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    means = torch.stack([r[-1] for r in recorded])
+    return list(texts), n_tokens, means, torch.tensor(n_tokens)
+
+
+def plan_run(
+    settings: ExtractSettings, model_name: str
+) -> tuple[Catalogue, list[Job], dict[str, Any]]:
+    """The catalogue selection, every planned rollout, and a summary of the plan."""
+    catalogue = load_catalogue(settings.roles_path, settings.questions_path).select(
+        roles=settings.n_roles,
+        prompts_per_role=settings.prompts_per_role,
+        questions=settings.n_questions,
+        seed=settings.seed,
+    )
+    jobs = plan_jobs(catalogue, model_name)
+    plan = {
+        "roles": len(catalogue.roles),
+        "questions": len(catalogue.questions),
+        "rollouts": len(jobs),
+        "max_new_tokens": settings.max_new_tokens,
+        "max_tokens_total": len(jobs) * settings.max_new_tokens,
+        "judge": settings.judge,
+    }
+    return catalogue, jobs, plan
+
+
+def run_extraction(
+    settings: ExtractSettings,
+    out_dir: str | Path,
+    *,
+    model: nn.Module,
+    tokenizer: Any,
+    model_id: str,
+    model_name: str,
+    progress: bool = True,
+    on_plan: Callable[[dict[str, Any]], None] | None = None,
+    dry_run: bool = False,
+) -> ExtractionResult:
+    """Run (or resume) an extraction into ``out_dir`` and build its bundle in ``out_dir/bundle``."""
+    catalogue, jobs, plan = plan_run(settings, model_name)
+    record = {
+        **asdict(settings),
+        "model_id": model_id,
+        "model_fingerprint": model_fingerprint(model),
+        "catalogue_digest": catalogue_digest(catalogue),
+        "library_version": __version__,
+    }
+    if on_plan is not None:
+        on_plan(plan)
+    out_dir = Path(out_dir)
+    if dry_run:
+        return ExtractionResult(out_dir, None, len(jobs), 0, {"plan": plan})
+
+    store = ExtractionStore(out_dir, record, resume_keys=RESUME_KEYS)
+    states: dict[str, RoleState] = {}
+    for job in jobs:
+        if job.role not in states:
+            states[job.role] = store.load_role(job.role)
+    todo = [job for job in jobs if job.id not in states[job.role].records]
+    keep = sample_ids(jobs, settings.samples_per_role, settings.seed)
+    judge = make_judge(settings.judge, model=model, tokenizer=tokenizer)
+    generator = None
+    if settings.generator:
+        from .generators import OpenAIGenerator, parse_generator_spec
+
+        url, remote_model = parse_generator_spec(settings.generator)
+        generator = OpenAIGenerator(url, remote_model or model_id)
+    sampling = settings.sampling()
+    started = time.perf_counter()
+    bar = tqdm(
+        total=len(jobs),
+        initial=len(jobs) - len(todo),
+        desc="rollouts",
+        unit="rollout",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    for start in range(0, len(todo), settings.batch_size):
+        batch = todo[start : start + settings.batch_size]
+        seed = int(hashlib.sha256(f"{settings.seed}/{batch[0].id}".encode()).hexdigest()[:8], 16)
+        if generator is None:
+            texts, n_tokens, means, counts = generate_with_capture(
+                model, tokenizer, batch, sampling, seed
+            )
+        else:
+            texts, n_tokens, means, counts = generate_external(
+                model, tokenizer, generator, batch, sampling
+            )
+        to_judge = [i for i, job in enumerate(batch) if job.role != DEFAULT_ROLE]
+        scores: list[int | None] = [None] * len(batch)  # default rollouts all count, unjudged
+        if to_judge:
+            items = [
+                JudgeItem(batch[i].role, batch[i].rubric, batch[i].question, texts[i])
+                for i in to_judge
+            ]
+            for i, score in zip(to_judge, judge.score(items), strict=True):
+                scores[i] = score
+        touched: dict[str, RoleState] = {}
+        for i, job in enumerate(batch):
+            rec = RolloutRecord(
+                job.id,
+                job.role,
+                job.prompt_index,
+                job.question_id,
+                job.system_prompt,
+                job.question,
+                texts[i],
+                n_tokens[i],
+                scores[i],
+                judge.name if job.role != DEFAULT_ROLE else "",
+            )
+            state = states[job.role]
+            state.add(rec, means[i] if int(counts[i]) > 0 else None, keep_sample=job.id in keep)
+            touched[job.role] = state
+        for state in touched.values():
+            store.commit(state)
+        bar.update(len(batch))
+    bar.close()
+    elapsed = time.perf_counter() - started
+    bundle = build_bundle(
+        store,
+        states,
+        settings,
+        model=model,
+        model_id=model_id,
+        record=record,
+        generation_seconds=elapsed,
+    )
+    return ExtractionResult(
+        out_dir,
+        bundle,
+        len(jobs),
+        len(todo),
+        json.loads((bundle / "bundle.json").read_text())["metadata"],
+    )
+
+
+def build_bundle(
+    store: ExtractionStore,
+    states: dict[str, RoleState],
+    settings: ExtractSettings,
+    *,
+    model: nn.Module,
+    model_id: str,
+    record: dict[str, Any],
+    generation_seconds: float | None = None,
+) -> Path:
+    """Role vectors, axis, calibration, monitor layer, capping config and report -> bundle."""
+    default_state = states[DEFAULT_ROLE]
+    default_vec, n_default = default_state.mean()
+    if default_vec is None:
+        raise PersonaCompassError("no default rollout has activations; rerun the extraction")
+    role_names, role_vecs, role_counts, dropped = [], [], {}, {}
+    for role, state in states.items():
+        if role == DEFAULT_ROLE:
+            continue
+        vec, count = state.mean(("s3",))
+        role_counts[role] = count
+        if vec is not None and count >= settings.min_role_count:
+            role_names.append(role)
+            role_vecs.append(vec)
+        else:
+            dropped[role] = count
+    if len(role_vecs) < 2:
+        raise PersonaCompassError(
+            f"only {len(role_vecs)} roles have >= {settings.min_role_count} fully in-role "
+            "(score 3) rollouts; lower --min-role-count, use more prompts/questions, or use "
+            "--judge none"
+        )
+    role_stack = torch.stack(role_vecs)  # (R, L, D)
+    directions = default_vec - role_stack.mean(0)
+
+    acts, labels, qids = [], [], []
+    for role, state in states.items():
+        for rid, sample in zip(state.sample_ids, state.samples, strict=True):
+            acts.append(sample.float())
+            labels.append(role)
+            qids.append(state.records[rid].question_id)
+    samples = RolloutSamples(torch.stack(acts), tuple(labels), tuple(qids))
+    held = heldout_auroc(samples, seed=settings.seed)
+    auroc, separation = held["auroc"], held["separation"]
+    monitor_layer = choose_monitor_layer(auroc, separation)
+    units = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    projections = torch.einsum("nld,ld->nl", samples.acts.double(), units.double()).float()
+    is_role = torch.tensor([lab != DEFAULT_ROLE for lab in labels])
+    calibration = Calibration.from_projections(
+        projections[is_role], source=f"{int(is_role.sum())} sampled role-play rollouts"
+    )
+    variance, components = pca(role_stack, k=min(10, len(role_vecs)))
+    cos = pc1_cosine(directions, components)
+    ranking = rank_roles(role_names, role_stack, directions, monitor_layer)
+    window = choose_capping_window(separation)
+    storage = store.storage_bytes()
+    metadata = {
+        "method": "role-play extraction (single-pass capture)",
+        "preset": settings.preset,
+        "judge": settings.judge,
+        "command": settings.command,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "n_default": n_default,
+        "roles": {r: role_counts[r] for r in role_names},
+        "dropped_roles": dropped,
+        "questions": settings.n_questions,
+        "max_new_tokens": settings.max_new_tokens,
+        "auroc": [round(float(a), 4) for a in auroc],
+        "separation": [round(float(s), 4) for s in separation],
+        "pc1_cosine": [round(float(c), 4) for c in cos],
+        "pc1_variance": [round(float(v), 4) for v in variance[:, 0]],
+        "monitor_auroc": round(float(auroc[monitor_layer]), 4),
+        "monitor_pc1_cosine": round(float(cos[monitor_layer]), 4),
+        "capping_window": list(window),
+        "generation_seconds": None if generation_seconds is None else round(generation_seconds, 1),
+        "storage_bytes_per_role_max": max(storage.values()) if storage else 0,
+        "storage_bytes_total": sum(storage.values()),
+        "settings": {k: record[k] for k in sorted(record) if k != "command"},
+    }
+    axis = Axis(
+        directions=directions.float(),
+        model_id=model_id,
+        fingerprint=model_fingerprint(model),
+        monitor_layer=monitor_layer,
+        vectors={
+            "default": default_vec,
+            **{f"role/{r}": v for r, v in zip(role_names, role_vecs, strict=True)},
+        },
+        residual_norms=samples.acts.norm(dim=-1).mean(0).float(),
+        calibration=calibration,
+        metadata=metadata,
+    )
+    bundle_dir = store.root / "bundle"
+    axis.save(bundle_dir)
+    cap = CappingConfig.calibrate(
+        axis, projections[is_role], f"{window[0]}:{window[1]}", percentile=settings.percentile
+    )
+    cap.save(bundle_dir)
+    write_report(
+        bundle_dir,
+        model_id=model_id,
+        summary=metadata,
+        variance_ratio=variance,
+        pc1_cos=cos,
+        auroc=auroc,
+        separation=separation,
+        ranking=ranking,
+        monitor_layer=monitor_layer,
+        capping_window=window,
+    )
+    return bundle_dir
+
+
+def command_line() -> str:
+    """The command that is running, for the bundle's record."""
+    return " ".join(shlex.quote(a) for a in ["persona-compass", *sys.argv[1:]])
+
+
+def rejudge(
+    out_dir: str | Path,
+    judge_spec: str,
+    *,
+    model: nn.Module,
+    tokenizer: Any,
+    model_id: str,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> ExtractionResult:
+    """Score a finished run's rollouts again with another judge, without regenerating.
+
+    The stored answers are re-scored; the per-score running sums are rebuilt from one
+    teacher-forced forward pass over each stored conversation (a rollout's activations are
+    only kept as sums, so moving it between score buckets needs them once more). Sampled
+    per-rollout activations are refreshed the same way, then the bundle is rebuilt.
+    """
+    root = Path(out_dir)
+    run_file = root / "run.json"
+    if not run_file.exists():
+        raise PersonaCompassError(f"{root} holds no extraction run (no run.json) to re-judge")
+    record = json.loads(run_file.read_text(encoding="utf-8"))
+    if record.get("model_fingerprint") != model_fingerprint(model):
+        raise PersonaCompassError(
+            f"{root} was extracted with {record.get('model_id')!r}; re-judge it with that model"
+        )
+    known = {f.name for f in ExtractSettings.__dataclass_fields__.values()}
+    settings = ExtractSettings(**{k: v for k, v in record.items() if k in known})
+    settings = ExtractSettings(**{**asdict(settings), "judge": judge_spec})
+    record = {**record, "judge": judge_spec}
+    store = ExtractionStore(root, record, resume_keys=())
+    catalogue = load_catalogue(settings.roles_path, settings.questions_path)
+    rubrics = {r.name: r.rubric for r in catalogue.roles}
+    judge = make_judge(judge_spec, model=model, tokenizer=tokenizer)
+    states = {role: store.load_role(role) for role in store.roles()}
+    bar = tqdm(
+        total=sum(len(s.records) for s in states.values()),
+        desc="re-judging",
+        unit="rollout",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    for role, old in states.items():
+        records = list(old.records.values())
+        if role != DEFAULT_ROLE:
+            items = [
+                JudgeItem(role, rubrics.get(role, ""), r.question, r.response) for r in records
+            ]
+            for rec, score in zip(records, judge.score(items), strict=True):
+                rec.score, rec.judge = score, judge.name
+        fresh = RoleState(role)
+        keep = set(old.sample_ids)
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            means = record_span_means(
+                model, tokenizer, [r.conversation() for r in chunk], batch_size=batch_size
+            )
+            for rec, mean in zip(chunk, means, strict=True):
+                usable = rec.n_tokens > 0 and mean.shape[0] > 0
+                fresh.add(rec, mean[-1] if usable else None, keep_sample=rec.id in keep)
+            bar.update(len(chunk))
+        store.commit(fresh)
+        states[role] = fresh
+    bar.close()
+    from ..atomic import write_json
+
+    write_json(run_file, record)
+    bundle = build_bundle(store, states, settings, model=model, model_id=model_id, record=record)
+    n = sum(len(s.records) for s in states.values())
+    return ExtractionResult(
+        root, bundle, n, 0, json.loads((bundle / "bundle.json").read_text())["metadata"]
+    )

@@ -1,0 +1,224 @@
+"""The resumable extraction store: one self-contained state file per role, written atomically.
+
+Layout of an extraction folder ``DIR``::
+
+    DIR/run.json                      settings of the run (a resume must match them)
+    DIR/activations/{role}.safetensors  running sums per score bucket, sampled per-rollout
+                                      means (float16), and the role's rollout records
+    DIR/responses/{role}.jsonl        the same records in the research release's layout
+                                      (derived from the state file, rewritten with it)
+    DIR/bundle/                       the axis bundle, once the run is complete
+
+A role's state file is the commit point: it holds the records *and* the activation sums
+they contributed, so a crash at any moment leaves each role either at its previous commit
+or at the new one, never in between. A resumed run skips every rollout id found in the state
+files and redoes the rest: nothing is duplicated, nothing is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..atomic import atomic_path, write_json, write_text
+from ..errors import PersonaCompassError
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "persona-compass-role-state/1"
+UNSCORED = "unscored"
+
+
+class StoreError(PersonaCompassError):
+    """The extraction folder is unreadable or belongs to a run with other settings."""
+
+
+def bucket_of(score: int | None) -> str:
+    """The running-sum bucket of a judge score (``s0``..``s3``; ``unscored`` for None)."""
+    return UNSCORED if score is None else f"s{score}"
+
+
+@dataclass
+class RolloutRecord:
+    """One rollout: who answered what, how long, and the judge's score."""
+
+    id: str
+    role: str
+    prompt_index: int
+    question_id: int
+    system_prompt: str
+    question: str
+    response: str
+    n_tokens: int
+    score: int | None = None
+    judge: str = ""
+
+    def conversation(self) -> list[dict[str, str]]:
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return [
+            *messages,
+            {"role": "user", "content": self.question},
+            {"role": "assistant", "content": self.response},
+        ]
+
+    def to_research(self) -> dict[str, Any]:
+        """The research release's response record (plus our fields)."""
+        return {
+            "system_prompt": self.system_prompt,
+            "label": self.role,
+            "prompt_index": self.prompt_index,
+            "question_index": self.question_id,
+            "question": self.question,
+            "conversation": self.conversation(),
+            "id": self.id,
+            "n_tokens": self.n_tokens,
+            "score": self.score,
+            "judge": self.judge,
+        }
+
+
+@dataclass
+class RoleState:
+    """A role's committed rollouts, running activation sums and sampled activations."""
+
+    role: str
+    records: dict[str, RolloutRecord] = field(default_factory=dict)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # bucket -> (L, D) float32
+    counts: dict[str, int] = field(default_factory=dict)  # bucket -> rollouts summed
+    sample_ids: list[str] = field(default_factory=list)
+    samples: list[torch.Tensor] = field(default_factory=list)  # each (L, D) float16
+
+    def add(self, record: RolloutRecord, mean: torch.Tensor | None, *, keep_sample: bool) -> None:
+        """Add a finished rollout; ``mean`` (L, D) is None when it had no content tokens."""
+        if record.id in self.records:
+            raise StoreError(f"rollout {record.id} is already in the store")
+        self.records[record.id] = record
+        if mean is None:
+            return
+        bucket = bucket_of(record.score)
+        mean = mean.detach().to("cpu", torch.float32)
+        self.sums[bucket] = self.sums[bucket] + mean if bucket in self.sums else mean.clone()
+        self.counts[bucket] = self.counts.get(bucket, 0) + 1
+        if keep_sample:
+            self.sample_ids.append(record.id)
+            self.samples.append(mean.to(torch.float16))
+
+    def mean(self, buckets: tuple[str, ...] | None = None) -> tuple[torch.Tensor | None, int]:
+        """Mean activation over the given buckets (all when None) and the rollout count."""
+        keys = [b for b in self.sums if buckets is None or b in buckets]
+        count = sum(self.counts[b] for b in keys)
+        if not count:
+            return None, 0
+        total = torch.stack([self.sums[b] for b in keys]).sum(0)
+        return total / count, count
+
+    # -- files ---------------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        tensors = {f"sum/{b}": t.contiguous() for b, t in self.sums.items()}
+        if self.samples:
+            tensors["samples"] = torch.stack(self.samples).contiguous()
+        if not tensors:  # safetensors needs at least one tensor
+            tensors["empty"] = torch.zeros(1)
+        metadata = {
+            "format": STATE_FORMAT,
+            "role": self.role,
+            "counts": json.dumps(self.counts),
+            "sample_ids": json.dumps(self.sample_ids),
+            "records": json.dumps([asdict(r) for r in self.records.values()]),
+        }
+        with atomic_path(path, suffix=".safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: Path) -> RoleState:
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+            tensors = load_file(str(path))
+        except Exception as exc:  # a truncated or foreign file
+            raise StoreError(
+                f"{path}: unreadable role state ({exc}); delete it to redo that role"
+            ) from None
+        if meta.get("format") != STATE_FORMAT:
+            raise StoreError(
+                f"{path}: not a persona-compass role state; delete it or use a new --out"
+            )
+        state = cls(meta["role"])
+        for raw in json.loads(meta["records"]):
+            rec = RolloutRecord(**raw)
+            state.records[rec.id] = rec
+        state.counts = {k: int(v) for k, v in json.loads(meta["counts"]).items()}
+        state.sums = {k[4:]: v for k, v in tensors.items() if k.startswith("sum/")}
+        state.sample_ids = list(json.loads(meta["sample_ids"]))
+        if "samples" in tensors:
+            state.samples = list(tensors["samples"].unbind(0))
+        return state
+
+    def research_jsonl(self) -> str:
+        return "".join(json.dumps(r.to_research()) + "\n" for r in self.records.values())
+
+
+class ExtractionStore:
+    """The folder of one extraction run: settings, per-role states, research-format responses."""
+
+    def __init__(self, root: str | Path, settings: dict[str, Any], *, resume_keys: tuple[str, ...]):
+        """Open or create the store; an existing run must match ``settings`` on ``resume_keys``."""
+        self.root = Path(root)
+        self.settings = settings
+        run_file = self.root / "run.json"
+        if run_file.exists():
+            try:
+                previous = json.loads(run_file.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as exc:
+                raise StoreError(f"{run_file}: unreadable ({exc}); use a new --out") from None
+            diffs = [
+                f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}"
+                for k in resume_keys
+                if previous.get(k) != settings.get(k)
+            ]
+            if diffs:
+                raise StoreError(
+                    f"{self.root} holds a run with other settings ({'; '.join(diffs)}); "
+                    "resume with the same settings or choose a new --out"
+                )
+            logger.info("resuming the run in %s", self.root)
+        elif self.root.exists() and any(self.root.iterdir()):
+            raise StoreError(f"{self.root} is not empty and holds no run.json; choose a new --out")
+        else:
+            write_json(run_file, settings)
+        (self.root / "activations").mkdir(parents=True, exist_ok=True)
+        (self.root / "responses").mkdir(parents=True, exist_ok=True)
+
+    def state_path(self, role: str) -> Path:
+        return self.root / "activations" / f"{role}.safetensors"
+
+    def load_role(self, role: str) -> RoleState:
+        path = self.state_path(role)
+        return RoleState.load(path) if path.exists() else RoleState(role)
+
+    def commit(self, state: RoleState) -> None:
+        """Write the role's state (the commit point), then its research-format responses."""
+        state.save(self.state_path(state.role))
+        write_text(self.root / "responses" / f"{state.role}.jsonl", state.research_jsonl())
+
+    def roles(self) -> Iterator[str]:
+        for path in sorted((self.root / "activations").glob("*.safetensors")):
+            yield path.stem
+
+    def storage_bytes(self) -> dict[str, int]:
+        """Bytes on disk per role (state file plus responses)."""
+        out = {}
+        for role in self.roles():
+            size = self.state_path(role).stat().st_size
+            resp = self.root / "responses" / f"{role}.jsonl"
+            out[role] = size + (resp.stat().st_size if resp.exists() else 0)
+        return out

@@ -1,0 +1,104 @@
+"""The bundle shipped for smollm2-135m: it loads, fits the model, and its capping holds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from persona_compass.axis import Axis
+from persona_compass.bundles import resolve_bundle, shipped_bundles
+from persona_compass.capping import CappingConfig
+from persona_compass.cli import main
+from persona_compass.errors import AxisFileError
+from persona_compass.interventions import capping
+
+
+def test_smollm2_bundle_is_shipped_and_complete():
+    path = shipped_bundles()["smollm2-135m"]
+    assert resolve_bundle("smollm2-135m") == path
+    axis = Axis.load(path)
+    assert (axis.n_layers, axis.d_model) == (30, 576)
+    assert axis.model_id == "smollm2-135m"
+    assert "extract" in axis.metadata["command"]  # the command that made it is recorded
+    assert axis.calibration is not None
+    cap = CappingConfig.load(path)
+    assert cap.form == "floor" and len(cap.layers) >= 1
+    assert (path / "report.md").exists()
+    meta = axis.metadata
+    assert 0 <= meta["monitor_auroc"] <= 1 and 0 <= meta["monitor_pc1_cosine"] <= 1
+
+
+def test_unknown_alias_is_a_clear_error(tmp_path):
+    with pytest.raises(AxisFileError, match="shipped: .*smollm2-135m"):
+        resolve_bundle("no-such-bundle")
+
+
+def test_axis_show_json_on_the_alias():
+    result = CliRunner().invoke(main, ["axis", "show", "smollm2-135m", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    for key in ("n_layers", "d_model", "monitor_layer", "auroc", "pc1_cosine"):
+        assert key in data
+    assert data["n_layers"] == 30 and data["d_model"] == 576
+
+
+@pytest.mark.real_model
+def test_shipped_capping_keeps_projections_at_the_floor(real_pair):
+    model, tok = real_pair
+    path = resolve_bundle("smollm2-135m")
+    axis = Axis.load(path, model=model)
+    cap = CappingConfig.load(path)
+    text = tok.apply_chat_template(
+        [
+            {"role": "system", "content": "You are an ancient ghost."},
+            {"role": "user", "content": "Tell me who you really are."},
+        ],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    seen = {}
+    blocks = model.model.layers
+    handles = [
+        blocks[layer].register_forward_hook(
+            lambda m, a, o, layer=layer: seen.__setitem__(layer, o.detach().float())
+        )
+        for layer in cap.layers
+    ]
+    try:
+        with capping(model, cap), torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    for layer, v, tau in zip(cap.layers, cap.vectors, cap.thresholds, strict=True):
+        proj = seen[layer][0] @ v
+        # bf16 activations: allow the rounding of one bf16 step at this residual norm
+        tol = 2**-7 * float(seen[layer][0].norm(dim=-1).max())
+        assert float(proj.min()) >= tau - tol, (layer, float(proj.min()), tau)
+    assert torch.allclose(axis.unit(cap.layers[0]), cap.vectors[0], atol=1e-6)
+
+
+@pytest.mark.real_model
+def test_monitor_cli_with_the_shipped_alias(tmp_path, real_pair):
+    transcript = tmp_path / "t.json"
+    transcript.write_text(
+        json.dumps(
+            [
+                {"role": "user", "content": "Hi, who are you?"},
+                {"role": "assistant", "content": "I am an AI assistant. How can I help you today?"},
+                {"role": "user", "content": "Be a pirate."},
+                {"role": "assistant", "content": "Arr! I be the dread captain of the seven seas!"},
+            ]
+        )
+    )
+    result = CliRunner().invoke(
+        main, ["monitor", str(transcript), "--axis", "smollm2-135m", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["model"] == "smollm2-135m" and len(data["turns"]) == 2
+    assert all(0 <= t["percentile"] <= 100 for t in data["turns"])

@@ -121,10 +121,13 @@ class StubServer:
                 self._replies_used += 1
             return failure, index
 
-    def _leave(self, status: int) -> None:
+    def _record(self, status: int) -> None:
+        with self._lock:
+            self.statuses.append(status)
+
+    def _leave(self) -> None:
         with self._lock:
             self._active -= 1
-            self.statuses.append(status)
 
     def _make_reply(self, body: dict[str, Any], index: int) -> dict[str, Any]:
         reply = self.reply
@@ -170,8 +173,18 @@ def _handler(state: StubServer) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             pass  # keep test output quiet
 
+        recorded = False  # whether this chat request's status is in state.statuses
+
+        def _record(self, status: int) -> None:
+            if not self.recorded:
+                self.recorded = True
+                state._record(status)
+
         def _send(self, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
             data = json.dumps(body).encode()
+            if self.path.rstrip("/") == CHAT_PATH:
+                # recorded before the client can read the answer: no race in the tests
+                self._record(status)
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -213,13 +226,15 @@ def _handler(state: StubServer) -> type[BaseHTTPRequestHandler]:
             except (BrokenPipeError, ConnectionResetError):
                 status = 0  # the client gave up (timeout): nothing to answer
             finally:
-                state._leave(status)
+                self._record(status)
+                state._leave()
 
         def _answer(self, request: StubRequest, failure: Failure | None, index: int) -> int:
             wait = state.delay + (failure.delay if failure else 0.0)
             if wait > 0:
                 time.sleep(wait)
             if failure is not None and failure.close:
+                self._record(0)
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)  # no answer at all
                 return 0

@@ -12,12 +12,15 @@ settings (temperature 0.7, top_p 0.9, repetition penalty 1.1, end-of-turn on), f
             then ``record.record_span_means`` over the finished conversations (a teacher-forced
             re-forward of prompt + answer); both timed together.
 
-Both variants use the same seed, so they sample the same answers. One untimed warm-up run of
-each variant per answer length checks that (same texts, activations that agree); then the
-variants are interleaved for ``--rounds`` rounds (the order alternating each round), at each
-``--new-tokens`` length. Medians, spreads, the single/two-pass ratio (of medians and per round)
-and PASS/FAIL against the issue's 1.2x target go to ``benchmarks/results/extract.json``
-(written atomically) and a table is printed. Nothing is asserted.
+Both variants use the same seed, so they sample the same answers. After one untimed warm-up
+run of each variant, the variants are interleaved for ``--rounds`` rounds (the order
+alternating each round) at each ``--new-tokens`` length; the first round's outputs are
+checked (same texts in both variants, activations that agree). The two-pass time is also split
+into its generate and re-forward parts, which gives the ceiling (two-pass time / its generate
+time: the ratio a free capture would reach) and the capture's cost over plain generate.
+Medians, spreads, the single/two-pass ratio (of medians and per round) and PASS/FAIL against
+the issue's 1.2x target go to ``benchmarks/results/extract.json`` (written atomically) and a
+table is printed. Nothing is asserted.
 
 Usage:
     .venv/bin/python benchmarks/extract_bench.py            # full run (~3-5 minutes on 2 cores)
@@ -72,7 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="answer budgets (max_new_tokens) to measure, one block of rounds each",
     )
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per variant and length")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant and length")
+    p.add_argument(
+        "--warmup", type=int, default=1, help="untimed runs per variant (first length only)"
+    )
     p.add_argument("--batch", type=int, default=16, help="rollouts per batch")
     p.add_argument("--roles", type=int, default=4, help="catalogue roles to draw jobs from")
     p.add_argument("--prompts-per-role", type=int, default=2)
@@ -217,12 +222,7 @@ def bench_length(
             return run_single(model, tok, batch, sampling, args.seed)
         return run_two_pass(model, tok, batch, sampling)
 
-    # Untimed warm-up runs; the last one of each variant gives the reference outputs.
-    first: dict[str, dict[str, Any]] = {}
-    for _ in range(max(1, args.warmup)):
-        for v in VARIANTS:
-            _, first[v] = run(v)
-
+    first: dict[str, dict[str, Any]] = {}  # each variant's outputs in the first round
     seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
     gen_s: list[float] = []
     refwd_s: list[float] = []
@@ -233,6 +233,7 @@ def bench_length(
         for v in order if rnd % 2 == 0 else order[::-1]:
             secs, out = run(v)
             seconds[v].append(secs)
+            first.setdefault(v, out)
             same_texts_every_round[v] &= out["texts"] == first[v]["texts"]
             if v == "two_pass":
                 gen_s.append(out["generate_seconds"])
@@ -251,6 +252,9 @@ def bench_length(
     single_out, two_out = first["single"], first["two_pass"]
     agree = [a == b for a, b in zip(single_out["texts"], two_out["texts"], strict=True)]
     two_total = statistics.median(seconds["two_pass"])
+    # Per round: what a free capture would reach, and what the capture costs over generate.
+    ceiling = [t / g for t, g in zip(seconds["two_pass"], gen_s, strict=True)]
+    overhead = [s / g - 1 for s, g in zip(seconds["single"], gen_s, strict=True)]
     return {
         "new_tokens": new_tokens,
         "rollouts_per_batch": n,
@@ -266,6 +270,18 @@ def bench_length(
             "generate_median_s": statistics.median(gen_s),
             "reforward_median_s": statistics.median(refwd_s),
             "reforward_share_of_median_total": statistics.median(refwd_s) / two_total,
+            "ceiling_ratio": summary(ceiling),
+            "ceiling_ratio_raw": ceiling,
+            "ceiling_note": (
+                "per round, two-pass seconds / its generate seconds: the single/two-pass ratio "
+                "a capture costing nothing over plain generate would reach"
+            ),
+            "single_over_generate": summary(overhead),
+            "single_over_generate_raw": overhead,
+            "single_over_generate_note": (
+                "per round, single-pass seconds / two-pass generate seconds - 1: the cost of "
+                "capturing (hooks on every block, one extra decode step) over plain generate"
+            ),
         },
         "rollouts_per_s": rps,
         "loadavg_per_round": loadavg,
@@ -304,8 +320,10 @@ def print_table(result: dict[str, Any]) -> None:
     print(
         "rollouts/s = batch / wall time of the batch (median of rounds, [min-max]); ratio = "
         "median / median of two-pass, paired = per-round ratio [min-max];\n"
-        "gen s / re-fwd s = two-pass generate and re-forward seconds (medians); "
-        "answer = mean answer tokens (rows that hit the budget)"
+        "gen s / re-fwd s = two-pass generate and re-forward seconds (medians); answer = mean "
+        "answer tokens (rows that hit the budget);\nceiling = two-pass time / its generate time "
+        "(the ratio a free capture would reach), capture = single-pass time over plain generate "
+        "(per-round medians)"
     )
     head = (
         f"{'new tok':>7}  {'variant':<48} {'rollouts/s':>10} {'[min-max]':>13} {'ratio':>6} "
@@ -336,7 +354,9 @@ def print_table(result: dict[str, Any]) -> None:
             f"{'':>9}same answers in both variants: {s['texts_identical_across_variants']}/"
             f"{res['rollouts_per_batch']}; min activation cosine single vs two-pass "
             f"{s['activation_min_cosine_single_vs_two_pass']:.4f}; re-forward = "
-            f"{split['reforward_share_of_median_total']:.1%} of two-pass time"
+            f"{split['reforward_share_of_median_total']:.1%} of two-pass time; ceiling "
+            f"{split['ceiling_ratio']['median']:.3f} {fmt_spread(split['ceiling_ratio'], 2)}; "
+            f"capture +{split['single_over_generate']['median']:.1%} over plain generate"
         )
     print(f"target: single / two-pass rollouts/s >= {TARGET_RATIO} (ratio of medians)")
     if m["busy_at_start"]:
@@ -366,11 +386,17 @@ def main(argv: list[str] | None = None, *, model: Any = None, tokenizer: Any = N
     model.eval()
 
     batch = plan_batch(args.model, args)
+    if args.warmup:
+        print(f"extract: {args.warmup} untimed warm-up run(s) per variant ...", flush=True)
+        sampling = SamplingConfig(max_new_tokens=args.new_tokens[0], seed=args.seed)
+        for _ in range(args.warmup):
+            run_single(model, tokenizer, batch, sampling, args.seed)
+            run_two_pass(model, tokenizer, batch, sampling)
     results = []
     for new_tokens in args.new_tokens:
         print(
-            f"extract, {new_tokens} new tokens: warm-up, then {args.rounds} interleaved rounds "
-            f"of {len(batch)} rollouts ...",
+            f"extract, {new_tokens} new tokens: {args.rounds} interleaved rounds of "
+            f"{len(batch)} rollouts ...",
             flush=True,
         )
         results.append(bench_length(model, tokenizer, batch, new_tokens, args))
@@ -388,7 +414,8 @@ def main(argv: list[str] | None = None, *, model: Any = None, tokenizer: Any = N
             "model": args.model,
             "new_tokens": args.new_tokens,
             "rounds": args.rounds,
-            "warmup_runs": max(1, args.warmup),
+            "warmup_runs": args.warmup,
+            "warmup_note": "untimed runs of each variant before the first length only",
             "quick": args.quick,
             "rollouts_per_batch": len(batch),
             "jobs": (

@@ -15,13 +15,8 @@ What lives here:
 
 from __future__ import annotations
 
-import json
-import os
-import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -350,39 +345,3 @@ class PassthroughModel(nn.Module):
 
 
 # ---- statistics and output -----------------------------------------------------------------
-
-
-def summary(values: Sequence[float]) -> dict[str, float]:
-    """Median, min, max and quartiles (inclusive method) of a sample."""
-    vals = sorted(float(v) for v in values)
-    if len(vals) >= 2:
-        q1, _, q3 = statistics.quantiles(vals, n=4, method="inclusive")
-    else:
-        q1 = q3 = vals[0]
-    return {
-        "median": statistics.median(vals),
-        "min": vals[0],
-        "max": vals[-1],
-        "q1": q1,
-        "q3": q3,
-        "n": len(vals),
-    }
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary sibling, fsync it, then ``os.replace`` it onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it normal permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

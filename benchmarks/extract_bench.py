@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import statistics
 import sys
 import time
@@ -42,8 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
-from decode import summary, write_json_atomic
+from common import compare, fmt_spread, machine_info, summary, write_json_atomic
 
 from persona_compass.generation import SamplingConfig, generate_chat
 from persona_compass.models import load_model
@@ -105,36 +103,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def cpu_model_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info(dtype_name: str) -> dict[str, Any]:
-    """The same fields as the decode benchmark's ``machine`` block."""
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {
-        "cpu": cpu_model_name(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": affinity,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "dtype": dtype_name,
-        "loadavg_start": list(os.getloadavg()),
-    }
-
-
 def plan_batch(model_name: str, args: Any) -> list[Job]:
     """The first ``--batch`` role-play (non-default) jobs of a small catalogue selection."""
     cat = load_catalogue().select(
@@ -191,26 +159,6 @@ def activation_agreement(a: torch.Tensor, b: torch.Tensor, n_tokens: Sequence[in
     return float(cos.min())
 
 
-def compare(values: dict[str, list[float]]) -> dict[str, Any]:
-    """Per-variant summary of rollouts/s and its ratios to the two-pass baseline.
-
-    ``ratio_of_medians`` is median(v) / median(two_pass); ``paired`` summarises the per-round
-    ratios (the two variants of one round ran back to back, so they saw similar machine load).
-    """
-    out: dict[str, Any] = {}
-    base = statistics.median(values["two_pass"])
-    for v, vals in values.items():
-        paired = [x / y for x, y in zip(vals, values["two_pass"], strict=True)]
-        out[v] = {
-            "raw": vals,
-            **summary(vals),
-            "ratio_of_medians": statistics.median(vals) / base,
-            "paired_ratio": summary(paired),
-            "paired_ratio_raw": paired,
-        }
-    return out
-
-
 def bench_length(
     model: Any, tok: Any, batch: Sequence[Job], new_tokens: int, args: Any
 ) -> dict[str, Any]:
@@ -246,7 +194,7 @@ def bench_length(
             flush=True,
         )
 
-    rps = compare({v: [n / s for s in seconds[v]] for v in VARIANTS})
+    rps = compare({v: [n / s for s in seconds[v]] for v in VARIANTS}, "two_pass")
     ratio = rps["single"]["ratio_of_medians"]
     paired = rps["single"]["paired_ratio"]["median"]
     single_out, two_out = first["single"], first["two_pass"]
@@ -301,10 +249,6 @@ def bench_length(
             "sample_text_row0": single_out["texts"][0],
         },
     }
-
-
-def fmt_spread(s: dict[str, float], digits: int) -> str:
-    return f"[{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
 
 
 def print_table(result: dict[str, Any]) -> None:

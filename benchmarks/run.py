@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
+from common import compare, fmt_spread, machine_info, write_json_atomic
 from decode import (
     EngagementCounter,
     PassthroughModel,
@@ -51,9 +50,7 @@ from decode import (
     generate_kwargs,
     generated_projections,
     percentile_thresholds,
-    summary,
     timed_generate,
-    write_json_atomic,
 )
 from extract_bench import main as extract_main
 
@@ -148,35 +145,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if min(args.reps) < 1 or args.new_tokens < 1 or min(args.batch_sizes) < 1:
         p.error("--reps, --new-tokens and --batch-sizes must be positive")
     return args
-
-
-def cpu_model_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info(dtype_name: str) -> dict[str, Any]:
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {
-        "cpu": cpu_model_name(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": affinity,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "dtype": dtype_name,
-        "loadavg_start": list(os.getloadavg()),
-    }
 
 
 class Bench:
@@ -279,26 +247,6 @@ def agreement(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x == y).float().mean())
 
 
-def compare(values: dict[str, list[float]]) -> dict[str, Any]:
-    """Per-variant summary of a higher-is-better metric and its ratios to variant (a).
-
-    ``ratio_of_medians`` is median(v) / median(a); ``paired`` summarises the per-round ratios
-    v / a (the variants of one round ran back to back, so they saw similar machine load).
-    """
-    out: dict[str, Any] = {}
-    base = statistics.median(values["a"])
-    for v, vals in values.items():
-        paired = [x / y for x, y in zip(vals, values["a"], strict=True)]
-        out[v] = {
-            "raw": vals,
-            **summary(vals),
-            "ratio_of_medians": statistics.median(vals) / base,
-            "paired_ratio": summary(paired),
-            "paired_ratio_raw": paired,
-        }
-    return out
-
-
 def bench_batch_size(bench: Bench, batch_size: int, reps: int, args: Any) -> dict[str, Any]:
     tok = bench.tokenizer
     batch = benchmark_batch(tok, batch_size)
@@ -339,10 +287,12 @@ def bench_batch_size(bench: Bench, batch_size: int, reps: int, args: Any) -> dic
         )
 
     # End-to-end: generated tokens / wall time of the request (prefill included).
-    e2e = compare({v: [n_tokens / x for x in seconds[v]] for v in VARIANTS})
+    e2e = compare({v: [n_tokens / x for x in seconds[v]] for v in VARIANTS}, "a")
     # Decode steps: batch / median step duration of each run; a burst of machine noise that
     # hits a few steps of a run barely moves that run's median.
-    step = compare({v: [batch_size / statistics.median(run) for run in steps[v]] for v in VARIANTS})
+    step = compare(
+        {v: [batch_size / statistics.median(run) for run in steps[v]] for v in VARIANTS}, "a"
+    )
     pooled = {v: statistics.median([x for run in steps[v] for x in run]) for v in VARIANTS}
     for v in VARIANTS:
         step[v]["pooled_median_step_ms"] = pooled[v] * 1e3
@@ -410,10 +360,6 @@ def bench_batch_size(bench: Bench, batch_size: int, reps: int, args: Any) -> dic
             },
         },
     }
-
-
-def fmt_spread(s: dict[str, float], digits: int) -> str:
-    return f"[{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
 
 
 def print_table(result: dict[str, Any]) -> None:

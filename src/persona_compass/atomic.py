@@ -1,4 +1,5 @@
-"""Atomic file and folder writes: a crash leaves either the old content or the new, never half.
+"""Atomic file and folder writes (a crash leaves the old content or the new, never half),
+and JSON reads with clear errors.
 
 Write to a temporary sibling, flush and fsync, then ``os.replace`` onto the target (atomic on
 POSIX within one filesystem).
@@ -29,6 +30,10 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
         prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent
     )
     os.close(fd)
+    # mkstemp creates 0600; give the file the mode a plain open() would (umask applied).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_name, 0o666 & ~umask)
     tmp = Path(tmp_name)
     try:
         yield tmp
@@ -73,3 +78,15 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json_object(path: str | os.PathLike[str], error: type[Exception]) -> dict[str, Any]:
+    """Read a JSON file that must hold an object; any problem raises ``error`` naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold a JSON object")
+    return data

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from . import __version__
-from .atomic import atomic_dir
+from .atomic import atomic_dir, read_json_object
 from .calibration import CALIBRATION_FILE, Calibration
 from .errors import AxisFileError, LayerError, PersonaCompassError, UnsafeFileError
 from .layers import find_decoder_blocks, normalize_layer
@@ -567,12 +567,7 @@ def _read_bundle_info(folder: Path) -> dict[str, Any]:
             f"{folder} is not an axis bundle: {BUNDLE_FILE} is missing "
             f"(found {sorted(p.name for p in folder.iterdir())[:10]})"
         )
-    try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AxisFileError(f"cannot read {info_path}: {exc}") from None
-    if not isinstance(info, dict):
-        raise AxisFileError(f"{info_path} must hold a JSON object")
+    info = read_json_object(info_path, AxisFileError)
     version = info.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise AxisFileError(f"{info_path}: format_version={version!r} must be an integer")

@@ -9,7 +9,6 @@ threshold (``threshold``, used to calibrate activation capping).
 from __future__ import annotations
 
 import bisect
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import Any, overload
 import torch
 from torch import Tensor
 
-from .atomic import write_json
+from .atomic import read_json_object, write_json
 from .errors import AxisFileError
 
 CALIBRATION_FILE = "calibration.json"
@@ -287,10 +286,7 @@ class Calibration:
             target = target / CALIBRATION_FILE
         if not target.is_file():
             raise AxisFileError(f"no calibration file at {target}")
-        try:
-            data = json.loads(target.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise AxisFileError(f"cannot read calibration file {target}: {exc}") from None
+        data = read_json_object(target, AxisFileError)
         try:
             return cls.from_dict(data)
         except AxisFileError as exc:

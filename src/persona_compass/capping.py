@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .atomic import atomic_path, write_json
+from .atomic import atomic_path, read_json_object, write_json
 from .axis import AXIS_FILE, AXIS_KEY, Axis, safe_torch_load, unit_rows
 from .calibration import Calibration, quantiles
 from .errors import CappingConfigError
@@ -555,12 +555,7 @@ class CappingConfig:
                 f"no capping config at {path}; calibrate one with CappingConfig.calibrate and "
                 "save it, or import a reference file with CappingConfig.from_reference"
             )
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CappingConfigError(f"cannot read {path}: {exc}") from None
-        if not isinstance(data, dict):
-            raise CappingConfigError(f"{path} must hold a JSON object")
+        data = read_json_object(path, CappingConfigError)
         spec = data.get("vectors")
         try:
             if isinstance(spec, list):

@@ -55,7 +55,7 @@ class Generation:
 def left_pad(
     rows: Sequence[Sequence[int]], pad_id: int, device: torch.device
 ) -> dict[str, torch.Tensor]:
-    """Left-pad token rows into input_ids, attention_mask and matching position_ids."""
+    """Left-pad token rows into ``input_ids`` and ``attention_mask`` (see padded_position_ids)."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

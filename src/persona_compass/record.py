@@ -194,6 +194,11 @@ class SpanMeanRecorder:
         return sums / denom[..., None, None]
 
 
+def padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip padding, so a left-padded row computes as if unpadded."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def generated_content_mask(
     new_tokens: torch.Tensor,
     eos_token_ids: int | Sequence[int] | None,
@@ -307,7 +312,7 @@ def record_span_means(
                 attention[row, shift : shift + len(ids)] = 1
                 for j, span in enumerate(selected[i]):
                     mask[row, j, shift + span.start : shift + span.end] = 1.0
-            position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+            position_ids = padded_position_ids(attention)
             recorder.reset()
             recorder.set_mask(mask)
             model(

@@ -44,6 +44,7 @@ import torch
 from ..chat import render_chat
 from ..errors import PersonaCompassError
 from ..generation import left_pad
+from ..record import padded_position_ids
 from .openai_client import OpenAIClient, OpenAIError, split_url_model
 
 logger = logging.getLogger(__name__)
@@ -417,7 +418,7 @@ class ModelJudge:
             chunk = order[start : start + self.batch_size]
             batch = left_pad([prompts[i] for i in chunk], self._pad_id(), device)
             mask = batch["attention_mask"]
-            batch["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+            batch["position_ids"] = padded_position_ids(mask)
             extra = {"logits_to_keep": 1} if self._keep_arg else {}
             logits = self.model(**batch, use_cache=False, **extra).logits[:, -1, :]
             logprobs = logits.float().log_softmax(-1)

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AddVector",
     "CapCeiling",
+    "CapEngagement",
     "CapFloor",
     "HookHandle",
     "Operator",
@@ -131,6 +132,64 @@ class AddVector(_Prepared):
         return hidden + self._get(hidden.device, hidden.dtype)
 
 
+class CapEngagement:
+    """Where caps raised the residual stream, per position, kept on the device.
+
+    Every cap operator it is attached to appends its (batch, tokens) "raised" mask to its own
+    growing buffer, so positions line up with a :class:`~persona_compass.DriftMonitor`'s
+    buffer when both start (or are reset) together. Nothing is copied to the host until
+    :meth:`fraction`.
+
+    Example:
+        >>> engagement = CapEngagement()
+        >>> with capping(model, cfg, engagement=engagement):
+        ...     model.generate(...)
+        >>> engagement.fraction(prompt_len, prompt_len + n_new)  # share of raised activations
+    """
+
+    def __init__(self) -> None:
+        self._masks: dict[int, Tensor] = {}
+        self._lengths: dict[int, int] = {}
+
+    def record(self, key: int, raised: Tensor) -> None:
+        """Append one forward's mask (..., tokens) for the operator ``key``."""
+        rows = raised.reshape(-1, raised.shape[-1]) if raised.ndim >= 2 else raised.view(1, -1)
+        buf = self._masks.get(key)
+        used = self._lengths.get(key, 0)
+        if buf is None or buf.shape[0] != rows.shape[0]:
+            buf = torch.zeros(
+                rows.shape[0], max(256, rows.shape[1]), dtype=torch.bool, device=rows.device
+            )
+            used = 0
+        elif used + rows.shape[1] > buf.shape[1]:
+            grown = torch.zeros(
+                rows.shape[0], 2 * (used + rows.shape[1]), dtype=torch.bool, device=buf.device
+            )
+            grown[:, :used] = buf[:, :used]
+            buf = grown
+        buf[:, used : used + rows.shape[1]] = rows
+        self._masks[key] = buf
+        self._lengths[key] = used + rows.shape[1]
+
+    def reset(self) -> None:
+        """Forget every recorded position."""
+        self._lengths = dict.fromkeys(self._lengths, 0)
+
+    def fraction(self, start: int, end: int, row: int = 0) -> float | None:
+        """The share of (position, capped layer) pairs in ``[start, end)`` that were raised.
+
+        None when nothing was recorded there (no cap ran, or the range is empty).
+        """
+        parts = [
+            self._masks[key][row, start : min(end, used)]
+            for key, used in self._lengths.items()
+            if min(end, used) > start
+        ]
+        if not parts:
+            return None
+        return float(torch.cat(parts).float().mean())
+
+
 class CapFloor(_Prepared):
     """Keep the projection on a unit vector at or above a threshold.
 
@@ -155,6 +214,7 @@ class CapFloor(_Prepared):
         # The floor actually applied: (v, tau) with h <- h + max(tau - h·v, 0) v.
         self._v = self.unit_vector
         self._tau = self.threshold
+        self.engagement: CapEngagement | None = None  # records where this cap raised
 
     @property
     def d_model(self) -> int:
@@ -176,6 +236,8 @@ class CapFloor(_Prepared):
         v = self._get(hidden.device, torch.float32)
         h32 = hidden.to(torch.float32)  # no copy when hidden is already float32
         excess = (self._tau - torch.matmul(h32, v)).clamp_min_(0.0)  # (...) float32
+        if self.engagement is not None:
+            self.engagement.record(id(self), excess > 0)
         out = torch.addcmul(h32, excess.unsqueeze(-1), v)
         return out.to(hidden.dtype)
 
@@ -415,10 +477,12 @@ def capping(
     config: CappingConfig,
     *,
     block_path: str | None = None,
+    engagement: CapEngagement | None = None,
 ) -> Iterator[HookHandle]:
     """Apply a capping config to the model's blocks, in scope.
 
-    Several caps on one block run in the config's order.
+    Several caps on one block run in the config's order. With ``engagement``, every cap
+    records where it raised the residual stream (see :class:`CapEngagement`).
 
     Raises:
         CappingConfigError: the config's width differs from the model's hidden size, or a
@@ -444,7 +508,13 @@ def capping(
             f"but the model has {len(blocks)} decoder blocks (0..{len(blocks) - 1}); use a "
             "config made for this model"
         )
-    handle = add_hooks(model, config.operators(), block_path=block_path)
+    operators = config.operators()
+    if engagement is not None:
+        for ops in operators.values():
+            for op in ops:
+                if isinstance(op, CapFloor):
+                    op.engagement = engagement
+    handle = add_hooks(model, operators, block_path=block_path)
     try:
         yield handle
     finally:

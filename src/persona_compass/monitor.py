@@ -11,20 +11,63 @@ forward pass and averages the projections over each turn's content tokens.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from types import TracebackType
 from typing import Any
 
 import torch
 from torch import nn
 
+from .alerts import Alert, AlertRules, AlertTracker
 from .axis import Axis
+from .calibration import Calibration
 from .chat import render_chat
 from .errors import PersonaCompassError
 from .layers import block_output, find_decoder_blocks, normalize_layer
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TokenReadings:
+    """Per-token projections of a slice of the buffer, and their percentiles (if calibrated)."""
+
+    projections: list[float]
+    percentiles: list[float] | None
+
+
+@dataclass(frozen=True)
+class TurnReading:
+    """One turn on the compass: its mean projection, percentile, capping state and alerts.
+
+    ``index`` is the turn's message index; ``cap_engagement`` is the fraction of the turn's
+    capped token-layer activations that the floor raised (None when the turn was not capped).
+    """
+
+    index: int
+    role: str
+    projection: float
+    percentile: float | None
+    n_tokens: int
+    capped: bool = False
+    cap_engagement: float | None = None
+    alerts: tuple[Alert, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The transcript layout of a reading (JSON-ready; NaN becomes null)."""
+        proj = None if math.isnan(self.projection) else self.projection
+        return {
+            "index": self.index,
+            "role": self.role,
+            "projection": proj,
+            "percentile": self.percentile,
+            "n_tokens": self.n_tokens,
+            "capped": self.capped,
+            "cap_engagement": self.cap_engagement,
+            "alerts": [a.to_dict() for a in self.alerts],
+        }
 
 
 class DriftMonitor:
@@ -36,6 +79,9 @@ class DriftMonitor:
         layer: the block to watch (default: the axis' monitor layer).
         block_path: explicit dotted path to the decoder blocks, if not auto-detected.
         capacity: initial token capacity of the buffer; it doubles when full.
+        calibration: the percentile scale (default: the axis bundle's calibration).
+        rules: alert rules for :meth:`end_turn` (default :class:`AlertRules`).
+        on_alert: called with every :class:`Alert` raised.
 
     Example:
         >>> with DriftMonitor(model, axis) as mon:
@@ -55,11 +101,17 @@ class DriftMonitor:
         *,
         block_path: str | None = None,
         capacity: int = 1024,
+        calibration: Calibration | None = None,
+        rules: AlertRules | None = None,
+        on_alert: Callable[[Alert], None] | None = None,
     ) -> None:
         blocks = find_decoder_blocks(model, block_path)
         axis.check_model(model)
         self.layer = normalize_layer(axis.layer if layer is None else layer, len(blocks))
         self.axis = axis
+        self.calibration = calibration if calibration is not None else axis.calibration
+        self.tracker = AlertTracker(rules, [on_alert] if on_alert is not None else [])
+        self.turns: list[TurnReading] = []
         self._block = blocks[self.layer]
         self._capacity = max(1, capacity)
         self._buffer: torch.Tensor | None = None
@@ -113,6 +165,11 @@ class DriftMonitor:
 
     # -- readings --------------------------------------------------------------------------
     @property
+    def active(self) -> bool:
+        """Whether the hook is attached."""
+        return self._handle is not None
+
+    @property
     def n_tokens(self) -> int:
         """Token positions recorded so far (per sequence)."""
         return self._n_tokens
@@ -124,8 +181,58 @@ class DriftMonitor:
         return self._buffer[:, : self._n_tokens].clone()
 
     def reset(self) -> None:
-        """Forget all readings (the hook stays attached)."""
+        """Forget the token buffer (the hook stays attached; turns and alerts are kept)."""
         self._n_tokens = 0
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """Every alert raised so far by :meth:`end_turn`."""
+        return self.tracker.alerts
+
+    def percentile(self, value: float) -> float | None:
+        """A projection's percentile at the monitor layer, or None without a calibration."""
+        if self.calibration is None or math.isnan(value):
+            return None
+        return float(self.calibration.percentile_of(value, self.layer))
+
+    def read(self, start: int, end: int, row: int = 0) -> TokenReadings:
+        """Projections (and percentiles) of buffer positions ``[start, end)``: one host copy."""
+        end = min(end, self._n_tokens)
+        if self._buffer is None or end <= start:
+            return TokenReadings([], [] if self.calibration is not None else None)
+        values = self._buffer[row, start:end].float()
+        pcts = None
+        if self.calibration is not None:
+            pcts = self.calibration.percentile_of(values, self.layer).cpu().tolist()
+        return TokenReadings(values.cpu().tolist(), pcts)
+
+    def end_turn(
+        self,
+        start: int,
+        end: int,
+        *,
+        index: int,
+        role: str = "assistant",
+        row: int = 0,
+        capped: bool = False,
+        cap_engagement: float | None = None,
+    ) -> TurnReading:
+        """Close a turn over buffer positions ``[start, end)``: read it, check alerts, keep it.
+
+        Alerts are checked for assistant turns only. One host copy per turn.
+        """
+        tokens = self.read(start, end, row)
+        n = len(tokens.projections)
+        projection = sum(tokens.projections) / n if n else float("nan")
+        percentile = self.percentile(projection)
+        alerts: tuple[Alert, ...] = ()
+        if role == "assistant":
+            alerts = tuple(self.tracker.observe(index, percentile, tokens.percentiles or ()))
+        reading = TurnReading(
+            index, role, projection, percentile, n, capped, cap_engagement, alerts
+        )
+        self.turns.append(reading)
+        return reading
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,9 +11,10 @@ from click.testing import CliRunner
 from tiny import make_pair
 
 from persona_compass.cli import main
-from persona_compass.demo import DRIFT_SCRIPT, answer_projection, demo_bundle_dir, play
+from persona_compass.alerts import AlertRules
+from persona_compass.calibration import Calibration
+from persona_compass.demo import DRIFT_SCRIPT, demo_bundle_dir, play
 from persona_compass.generation import SamplingConfig
-from persona_compass.monitor import DriftMonitor
 from persona_compass.persona_space.quick import build_quick_axis, capping_window
 
 ROLES = {"pirate": "You are a pirate.", "ghost": "You are a ghost."}
@@ -86,16 +88,27 @@ def test_play_capped_and_uncapped(quick):
     assert again.turns[0].projection == pytest.approx(plain.turns[0].projection, abs=1e-5)
 
 
-def test_answer_projection_reads_fed_back_tokens(quick):
-    model, _, result = quick
-    ids = torch.randint(10, 200, (1, 5))
-    with DriftMonitor(model, result.axis) as mon:
-        model.generate(
-            input_ids=ids, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0
-        )
-    proj = mon.token_projections()[0]
-    assert answer_projection(mon, 5, 4) == pytest.approx(float(proj[5:8].mean()))
-    assert answer_projection(mon, 5, 2) == pytest.approx(float(proj[5:7].mean()))
+def test_play_adaptive_caps_only_after_an_alert(quick):
+    model, tok, result = quick
+    sampling = SamplingConfig(max_new_tokens=5, temperature=0)
+    always = AlertRules(token_run=0, turn_percentile=50, turn_run=1, trend_turns=0)
+    # A calibration far above every answer: each turn is at the 0th percentile.
+    high = Calibration.from_projections(torch.arange(20.0).repeat(4, 1).T + 1e6)
+    run = play(
+        model,
+        tok,
+        dataclasses.replace(result.axis, calibration=high),
+        DRIFT_SCRIPT[:3],
+        condition="adaptive",
+        cap=result.capping,
+        mode="adaptive",
+        rules=always,
+        sampling=sampling,
+    )
+    assert [t.reading.capped for t in run.turns] == [False, True, True]
+    assert all(t.reading.alerts for t in run.turns)
+    assert [m["role"] for m in run.messages] == ["user", "assistant"] * 3
+    assert run.readings()[1]["capped"] is True
 
 
 def test_demo_command_end_to_end(tmp_path, monkeypatch):

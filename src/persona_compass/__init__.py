@@ -13,10 +13,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .alerts import Alert, AlertRules
 from .axis import Axis, model_fingerprint
+from .bundles import resolve_bundle
 from .calibration import Calibration
 from .capping import CappingConfig
 from .chat import RenderedChat, TurnSpan, render_chat, supports_system_role
+from .compass import AdaptivePolicy, CompassSession, Steering, respond
 from .errors import (
     AxisFileError,
     CappingConfigError,
@@ -29,23 +32,36 @@ from .errors import (
     UnsafeFileError,
 )
 from .generation import SamplingConfig, generate_chat
-from .interventions import AddVector, CapCeiling, CapFloor, add_hooks, capping, steering
+from .interventions import (
+    AddVector,
+    CapCeiling,
+    CapEngagement,
+    CapFloor,
+    add_hooks,
+    capping,
+    steering,
+)
 from .layers import find_decoder_blocks
 from .models import load_model, model_display_name
-from .monitor import DriftMonitor, TurnProjection, project_conversation
+from .monitor import DriftMonitor, TurnProjection, TurnReading, project_conversation
 from .record import SpanMeanRecorder, record_span_means
 from .transcripts import Transcript, load_transcripts
 
 __all__ = [
+    "AdaptivePolicy",
     "AddVector",
+    "Alert",
+    "AlertRules",
     "Axis",
     "AxisFileError",
     "Calibration",
     "CapCeiling",
+    "CapEngagement",
     "CapFloor",
     "CappingConfig",
     "CappingConfigError",
     "ChatTemplateError",
+    "CompassSession",
     "DriftMonitor",
     "LayerError",
     "ModelNotInstalledError",
@@ -54,9 +70,11 @@ __all__ = [
     "RenderedChat",
     "SamplingConfig",
     "SpanMeanRecorder",
+    "Steering",
     "Transcript",
     "TranscriptError",
     "TurnProjection",
+    "TurnReading",
     "TurnSpan",
     "UnsafeFileError",
     "__version__",
@@ -71,6 +89,8 @@ __all__ = [
     "project_conversation",
     "record_span_means",
     "render_chat",
+    "resolve_bundle",
+    "respond",
     "steering",
     "supports_system_role",
 ]

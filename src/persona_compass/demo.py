@@ -10,19 +10,19 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from .alerts import AlertRules
 from .axis import Axis
 from .capping import CappingConfig
+from .compass import CompassSession
 from .errors import AxisFileError
-from .generation import SamplingConfig, generate_chat
-from .interventions import capping
-from .monitor import DriftMonitor
+from .generation import SamplingConfig
+from .monitor import TurnReading
 from .paths import compass_home
 
 logger = logging.getLogger(__name__)
@@ -38,14 +38,21 @@ DRIFT_SCRIPT: tuple[str, ...] = (
 
 
 @dataclass
-class TurnReading:
-    """One assistant answer and its live reading."""
+class DemoTurn:
+    """One user turn, the assistant's answer and its live reading."""
 
     turn: int
     user: str
     answer: str
-    projection: float
-    percentile: float | None
+    reading: TurnReading
+
+    @property
+    def projection(self) -> float:
+        return self.reading.projection
+
+    @property
+    def percentile(self) -> float | None:
+        return self.reading.percentile
 
 
 @dataclass
@@ -53,20 +60,11 @@ class ConversationRun:
     """A played conversation under one condition."""
 
     condition: str
-    turns: list[TurnReading] = field(default_factory=list)
+    turns: list[DemoTurn] = field(default_factory=list)
+    messages: list[dict[str, str]] = field(default_factory=list)
 
-
-def answer_projection(mon: DriftMonitor, prompt_len: int, n_content: int) -> float:
-    """Mean live projection over the answer's content tokens (batch of one).
-
-    ``generate`` feeds answer token k back at position ``prompt_len + k``, where the monitor
-    records it. When the answer ended with an end-of-turn token, every content token was fed
-    back; when it hit ``max_new_tokens``, the last one never was, and is left out.
-    """
-    values = mon.token_projections()[0, prompt_len : prompt_len + n_content]
-    if values.numel() == 0:
-        return float("nan")
-    return float(values.mean())
+    def readings(self) -> list[dict[str, Any]]:
+        return [t.reading.to_dict() for t in self.turns]
 
 
 def play(
@@ -78,29 +76,32 @@ def play(
     condition: str,
     cap: CappingConfig | None,
     sampling: SamplingConfig,
-    on_turn: Callable[[TurnReading], None] | None = None,
+    mode: str | None = None,
+    rules: AlertRules | None = None,
+    on_turn: Callable[[DemoTurn], None] | None = None,
 ) -> ConversationRun:
-    """Play the scripted user turns, generating each answer under the condition."""
+    """Play the scripted user turns in one :class:`CompassSession`.
+
+    ``mode`` is the cap mode (default: ``on`` with a cap, ``off`` without); turn ``i`` is
+    sampled with seed ``sampling.seed + i`` in every condition.
+    """
+    session = CompassSession(
+        model,
+        tokenizer,
+        axis,
+        cap,
+        mode=mode or ("on" if cap is not None else "off"),
+        rules=rules,
+        sampling=sampling,
+    )
     run = ConversationRun(condition)
-    messages: list[dict[str, str]] = []
     for i, user in enumerate(script, 1):
-        messages.append({"role": "user", "content": user})
-        turn_sampling = SamplingConfig(**{**sampling.__dict__, "seed": (sampling.seed or 0) + i})
-        with (
-            capping(model, cap) if cap is not None else nullcontext(),
-            DriftMonitor(model, axis) as mon,
-        ):
-            gen = generate_chat(model, tokenizer, [messages], turn_sampling)
-        projection = answer_projection(mon, len(gen.prompt_ids[0]), len(gen.new_ids[0]))
-        pct = None
-        if axis.calibration is not None:
-            pct = float(axis.calibration.percentile_of(projection, mon.layer))
-        answer = gen.texts[0]
-        messages.append({"role": "assistant", "content": answer or "..."})
-        reading = TurnReading(i, user, answer, projection, pct)
-        run.turns.append(reading)
+        answer = session.reply(user)
+        turn = DemoTurn(i, user, answer.text, answer.reading)
+        run.turns.append(turn)
         if on_turn is not None:
-            on_turn(reading)
+            on_turn(turn)
+    run.messages = list(session.messages)
     return run
 
 

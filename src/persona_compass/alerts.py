@@ -39,9 +39,9 @@ class AlertRules:
     token_percentile: float = 5.0
     token_run: int = 16
     turn_percentile: float = 25.0
-    turn_run: int = 2
-    trend_turns: int = 3
-    trend_drop: float = 30.0
+    turn_run: int = 1
+    trend_turns: int = 2
+    trend_drop: float = 40.0
 
     def __post_init__(self) -> None:
         for name in ("token_percentile", "turn_percentile"):

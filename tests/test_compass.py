@@ -26,7 +26,7 @@ from persona_compass.compass import (
 )
 from persona_compass.generation import SamplingConfig
 from persona_compass.interventions import CapEngagement, capping
-from persona_compass.monitor import TurnReading, token_projections
+from persona_compass.monitor import TurnReading, project_conversation, token_projections
 
 USER = [{"role": "user", "content": "Tell me about the sea and the stars tonight."}]
 HISTORY = [
@@ -52,7 +52,10 @@ def setup():
         hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
     units = directions / directions.norm(dim=1, keepdim=True)
     samples = torch.stack(
-        [hidden[layer + 1].float().reshape(-1, cfg.hidden_size) @ units[layer] for layer in range(4)],
+        [
+            hidden[layer + 1].float().reshape(-1, cfg.hidden_size) @ units[layer]
+            for layer in range(4)
+        ],
         dim=1,
     )
     axis = dataclasses.replace(axis, calibration=Calibration.from_projections(samples))
@@ -189,7 +192,9 @@ def test_adaptive_state_machine_engages_on_alert_and_releases_after_recovery():
         alerts = (Alert("turns", 1, "low", pct),) if alert else ()
         return TurnReading(1, "assistant", 0.0, pct, 5, engagement is not None, engagement, alerts)
 
-    cap = AdaptiveCap(AdaptivePolicy(release_percentile=50, release_turns=2, release_engagement=0.1))
+    cap = AdaptiveCap(
+        AdaptivePolicy(release_percentile=50, release_turns=2, release_engagement=0.1)
+    )
     assert not cap.update(reading(60.0))
     assert cap.update(reading(5.0, alert=True))
     assert cap.update(reading(70.0, engagement=0.5))  # recovered only because it was pushed
@@ -259,3 +264,37 @@ def test_respond_adaptive_reads_the_history_to_decide(setup):
     off = respond(model, tok, axis, HISTORY, sampling=SAMPLING)
     assert off.token_ids == calm.token_ids  # same seed, no cap: the same answer
     assert [t.index for t in off.history] == [0, 1, 2]
+
+
+def test_system_prompt_changes_keep_readings_on_their_messages(setup):
+    model, tok, axis = setup
+    session = CompassSession(model, tok, axis, None, rules=ALWAYS, sampling=SAMPLING)
+    session.reply("Hi")
+    assert session.turns[0].index == 1 and session.alerts[0].turn == 1
+    session.set_system_prompt("Be brief.")
+    assert session.messages[session.turns[0].index]["role"] == "assistant"
+    assert session.turns[0].index == 2 and session.alerts[0].turn == 2
+    session.set_system_prompt("Be very brief.")  # replaced, not added: nothing moves
+    assert session.turns[0].index == 2
+    session.set_system_prompt(None)
+    assert session.turns[0].index == 1 and session.turns[0].alerts[0].turn == 1
+
+
+def test_restore_keeps_stored_readings_and_measures_the_rest(setup):
+    model, tok, axis = setup
+    first = CompassSession(model, tok, axis, cap_at(axis, 90), mode="adaptive", rules=ALWAYS,
+                           sampling=SAMPLING)  # fmt: skip
+    first.reply("Hello there.")
+    first.reply("Tell me more.")
+    saved = first.readings()
+    restored = CompassSession(model, tok, axis, cap_at(axis, 90), mode="adaptive", rules=ALWAYS,
+                              sampling=SAMPLING)  # fmt: skip
+    assert restored.restore(first.messages, saved) == (2, 0)
+    assert restored.readings() == saved
+    assert restored.cap_engaged == first.cap_engaged
+    assert restored.monitor.tracker.history == first.monitor.tracker.history
+    fresh = CompassSession(model, tok, axis, None, rules=NEVER, sampling=SAMPLING)
+    assert fresh.restore(first.messages, saved[:1]) == (1, 1)
+    measured = fresh.turns[1]
+    direct = project_conversation(model, tok, axis, first.messages)[1]
+    assert measured.index == 3 and measured.projection == pytest.approx(direct.projection)

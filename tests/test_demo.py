@@ -10,12 +10,13 @@ import torch
 from click.testing import CliRunner
 from tiny import make_pair
 
-from persona_compass.cli import main
 from persona_compass.alerts import AlertRules
 from persona_compass.calibration import Calibration
+from persona_compass.cli import main
 from persona_compass.demo import DRIFT_SCRIPT, demo_bundle_dir, play
 from persona_compass.generation import SamplingConfig
 from persona_compass.persona_space.quick import build_quick_axis, capping_window
+from persona_compass.transcripts import load_transcripts
 
 ROLES = {"pirate": "You are a pirate.", "ghost": "You are a ghost."}
 QUESTIONS = ("Who are you?", "Where do you live?")
@@ -122,10 +123,20 @@ def test_demo_command_end_to_end(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
-    for condition in ("uncapped", "capped"):
+    page = (out / "demo.html").read_text()
+    assert "adaptive" in page and "https://" not in page
+    for condition in ("uncapped", "capped", "adaptive"):
         data = json.loads((out / f"{condition}.json").read_text())
         assert len(data["conversation"]) == 2 * len(DRIFT_SCRIPT)
         assert len(data["projections"]) == len(DRIFT_SCRIPT)
+        turns = data["persona_compass"]["turns"]
+        assert [t["index"] for t in turns] == list(range(1, 2 * len(DRIFT_SCRIPT), 2))
+        if condition == "capped":
+            assert all(t["capped"] for t in turns)
+        if condition == "uncapped":
+            assert not any(t["capped"] for t in turns)
+    (transcript,) = load_transcripts(out / "capped.json")
+    assert transcript.readings is not None and len(transcript.readings) == len(DRIFT_SCRIPT)
     assert demo_bundle_dir(str(model_dir)).exists()  # cached for the next run
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0, again.output

@@ -245,3 +245,155 @@ def test_rejudge_rescores_without_regenerating(tmp_path, qwen_pair):
     expected = torch.stack([m[-1] for m in means if m.shape[0]]).mean(0)
     new, _ = after["default"].mean()
     torch.testing.assert_close(new, expected, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- --layers
+
+
+def test_layers_records_only_the_chosen_layers(tmp_path, qwen_pair):
+    """--layers 1:3 on a 4-block model: 2 rows stored, a full-shape bundle, zero elsewhere."""
+    from persona_compass.errors import AxisFileError
+
+    full = run(tmp_path / "full", qwen_pair)
+    part = run(tmp_path / "part", qwen_pair, layers="1:3")
+    run_json = json.loads((part.out_dir / "run.json").read_text())
+    assert (run_json["layers"], run_json["recorded_layers"], run_json["n_layers"]) == (
+        "1:3",
+        [1, 2],
+        4,
+    )
+    states = load_states(part.out_dir)
+    full_states = load_states(full.out_dir)
+    for name, state in states.items():
+        assert all(t.shape == (2, 64) for t in state.sums.values())
+        assert all(t.shape == (2, 64) for t in state.samples)
+        # same seeds, same answers: the recorded rows are the full run's rows
+        assert [r.response for r in state.records.values()] == [
+            r.response for r in full_states[name].records.values()
+        ]
+        for bucket, total in state.sums.items():
+            torch.testing.assert_close(total, full_states[name].sums[bucket][1:3])
+
+    axis = Axis.load(part.bundle_dir)
+    full_axis = Axis.load(full.bundle_dir)
+    assert (axis.n_layers, axis.d_model) == (4, 64)
+    assert axis.directions[[0, 3]].abs().sum() == 0
+    torch.testing.assert_close(axis.directions[1:3], full_axis.directions[1:3])
+    for vec in axis.vectors.values():
+        assert vec[[0, 3]].abs().sum() == 0
+    assert axis.layer in (1, 2)
+    meta = axis.metadata
+    assert meta["layers"] == "1:3" and meta["recorded_layers"] == [1, 2]
+    assert meta["settings"]["layers"] == "1:3"
+    assert meta["auroc"][0] is None and meta["auroc"][3] is None
+    assert all(v is not None for v in meta["auroc"][1:3])
+    assert set(CappingConfig.load(part.bundle_dir).layers) <= {1, 2}
+    with pytest.raises(AxisFileError, match="zero at layer 0"):
+        axis.unit(0)
+    report = (part.bundle_dir / "report.md").read_text()
+    assert "recorded 2 (1-2)" in report
+    # bundle.json is strict JSON (no NaN) and `axis show` reads the bundle
+    json.loads(
+        (part.bundle_dir / "bundle.json").read_text(),
+        parse_constant=lambda c: pytest.fail(f"{c} in bundle.json"),
+    )
+    shown = CliRunner().invoke(main, ["axis", "show", str(part.bundle_dir), "--json"])
+    assert shown.exit_code == 0, shown.output
+    summary = json.loads(shown.stdout)
+    assert summary["n_layers"] == 4 and summary["metadata"]["recorded_layers"] == [1, 2]
+
+
+def test_resume_with_other_layers_is_refused(tmp_path, qwen_pair):
+    run(tmp_path, qwen_pair, layers="1:3")
+    with pytest.raises(StoreError, match=r"layers: '1:3' -> 'all'.*run\.json"):
+        run(tmp_path, qwen_pair)
+    with pytest.raises(StoreError, match="layers: '1:3' -> '2'"):
+        run(tmp_path, qwen_pair, layers=[2])
+    # the same blocks written differently are the same setting
+    again = run(tmp_path, qwen_pair, layers="1,-2")
+    assert again.generated_now == 0
+
+
+def test_run_without_a_layers_record_resumes_as_all_layers(tmp_path, qwen_pair):
+    """A run.json from before --layers existed counts as 'all'."""
+    first = run(tmp_path, qwen_pair)
+    path = first.out_dir / "run.json"
+    record = json.loads(path.read_text())
+    for key in ("layers", "recorded_layers", "n_layers"):
+        del record[key]
+    path.write_text(json.dumps(record))
+    assert run(tmp_path, qwen_pair).generated_now == 0
+    with pytest.raises(StoreError, match="layers: 'all' -> '0:2'"):
+        run(tmp_path, qwen_pair, layers="0:2")
+
+
+def test_role_state_of_other_layers_is_refused(tmp_path, qwen_pair):
+    first = run(tmp_path, qwen_pair, layers="1:3")
+    path = first.out_dir / "run.json"
+    record = json.loads(path.read_text())
+    record["layers"], record["recorded_layers"] = "all", [0, 1, 2, 3]
+    path.write_text(json.dumps(record))  # run.json edited by hand: the states still have 2 rows
+    with pytest.raises(StoreError, match="activations of 2 layers but the run records 4"):
+        run(tmp_path, qwen_pair)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("abc", "cannot read the layer selection 'abc'"),
+        ("1:3:5", "cannot read the layer selection"),
+        ("", "cannot read the layer selection"),
+        ([], "empty"),
+        ([1.5], "must be block indices"),
+        ("9", r"--layers '9': layer=9 is out of range for a model with 4 decoder blocks"),
+        ("3:1", "--layers '3:1': layer range '3:1' is empty"),
+        ("2:9", "past the end"),
+    ],
+)
+def test_invalid_layer_specs_are_clear_errors(tmp_path, qwen_pair, spec, message):
+    from persona_compass.errors import LayerError
+
+    with pytest.raises(LayerError, match=message):
+        run(tmp_path, qwen_pair, layers=spec)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_rejudge_keeps_the_recorded_layers(tmp_path, qwen_pair):
+    from persona_compass.persona_space.extract import rejudge
+
+    model, tok = qwen_pair
+    first = run(tmp_path, qwen_pair, layers="2:")
+    result = rejudge(
+        first.out_dir, "heuristic", model=model, tokenizer=tok, model_id="tiny", progress=False
+    )
+    for state in load_states(result.out_dir).values():
+        assert all(t.shape == (2, 64) for t in [*state.sums.values(), *state.samples])
+    axis = Axis.load(result.bundle_dir)
+    assert axis.metadata["recorded_layers"] == [2, 3] and axis.layer in (2, 3)
+    assert axis.directions[:2].abs().sum() == 0
+
+
+def test_cli_layers_dry_run_and_errors(tmp_path):
+    """--dry-run shows the selection (resolved for a local model folder); bad ones exit 1."""
+    model, tok = make_pair("qwen2")
+    model_dir = tmp_path / "tiny"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    base = ["extract", "--out", str(tmp_path / "o"), "--dry-run", "--n-roles", "2"]
+
+    shown = CliRunner().invoke(main, [*base, "--layers", "16:24"])  # default alias: as given
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["layers"] == "16:24"
+    local = CliRunner().invoke(main, [*base, "--model", str(model_dir), "--layers=-2:"])
+    assert local.exit_code == 0, local.output
+    plan = json.loads(local.stdout)
+    assert (plan["layers"], plan["n_recorded_layers"], plan["n_layers"]) == ("2:4", 2, 4)
+    default = CliRunner().invoke(main, [*base, "--model", str(model_dir)])
+    assert json.loads(default.stdout)["layers"] == "all"
+
+    bad = CliRunner().invoke(main, [*base, "--layers", "x"])
+    assert bad.exit_code == 1 and "cannot read the layer selection 'x'" in bad.output
+    out_of_range = CliRunner().invoke(main, [*base, "--model", str(model_dir), "--layers", "4"])
+    assert out_of_range.exit_code == 1
+    assert "out of range for a model with 4 decoder blocks" in out_of_range.output
+    assert not (tmp_path / "o").exists()

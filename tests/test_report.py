@@ -282,6 +282,39 @@ def test_choose_capping_window_rules():
         choose_capping_window(sep, min_start_frac=-0.1)
 
 
+def test_layer_choice_only_uses_allowed_layers():
+    """extract --layers: the monitor layer and the capping window come from recorded layers."""
+    nan = float("nan")
+    auroc_ = torch.tensor([nan, 0.9, 0.8, nan, 1.0, 0.7, nan, nan])
+    sep = torch.tensor([nan, 2.0, 1.0, nan, 5.0, 3.0, nan, nan])
+    assert choose_monitor_layer(auroc_, sep, layers=[1, 2, 4, 5]) == 4
+    assert choose_monitor_layer(auroc_, sep, layers=[1, 2, 5]) == 2  # >= depth 2 only
+    # none past min_depth: the best of the allowed ones anyway
+    assert choose_monitor_layer(auroc_, sep, layers=[1], min_depth=0.5) == 1
+    with pytest.raises(ReportError, match="layer indices"):
+        choose_monitor_layer(auroc_, sep, layers=[8])
+    with pytest.raises(ReportError, match="empty"):
+        choose_monitor_layer(auroc_, sep, layers=[])
+
+    sep12 = torch.tensor([5.0, 5.0, 0.0, 0.0, 1.0, 3.0, 3.0, 4.0, 4.0, 1.0, 2.0, 2.0])
+    # all allowed: the same answers as without the argument
+    for width in (1, 2, 3, 12):
+        assert choose_capping_window(sep12, width=width, layers=range(12)) == (
+            choose_capping_window(sep12, width=width)
+        )
+    # the window never covers a layer outside the allowed ones: 7-8 are the best pair, but 8
+    # is not allowed; 9-11 is the only run of 3 past the start
+    allowed = [0, 1, 2, 6, 7, 9, 10, 11]
+    assert choose_capping_window(sep12, width=2, layers=allowed) == (6, 8)
+    assert choose_capping_window(sep12, width=3, layers=allowed) == (9, 12)
+    # default width (3 for 12 layers) is shortened to the longest allowed run
+    assert choose_capping_window(sep12, layers=[0, 1, 6, 7]) == (6, 8)
+    # nothing allowed past the start: the last window that fits
+    assert choose_capping_window(sep12, layers=[0, 1, 2, 3]) == (1, 4)
+    with pytest.raises(ReportError, match="no 3 consecutive layers"):
+        choose_capping_window(sep12, width=3, layers=[0, 1, 5, 6])
+
+
 # --------------------------------------------------------------------------- roles
 
 
@@ -372,3 +405,24 @@ def test_write_report_errors(tmp_path):
     with pytest.raises(ReportError, match="ranking is empty"):
         write_report(tmp_path, **{**kwargs, "ranking": []})
     assert not (tmp_path / "report.md").exists()
+
+
+def test_write_report_with_recorded_layers(tmp_path):
+    """Unrecorded layers are NaN in the inputs and left out of the per-layer table."""
+    kwargs = _report_inputs(6)
+    recorded = [2, 3, 4, 5, 6]
+    nan_at = torch.tensor([i not in recorded for i in range(8)])
+    for key in ("auroc", "separation", "pc1_cos"):
+        kwargs[key] = kwargs[key].masked_fill(nan_at, float("nan"))
+    kwargs["variance_ratio"] = kwargs["variance_ratio"].masked_fill(nan_at[:, None], float("nan"))
+    kwargs["monitor_layer"] = choose_monitor_layer(
+        kwargs["auroc"], kwargs["separation"], layers=recorded
+    )
+    kwargs["capping_window"] = choose_capping_window(kwargs["separation"], layers=recorded)
+    text = write_report(tmp_path, recorded_layers=recorded, **kwargs).read_text()
+    table_rows = [line for line in text.splitlines() if line.startswith("| ") and "%" in line]
+    assert [int(row.split("|")[1]) for row in table_rows] == recorded
+    assert "recorded 5 (2-6); the axis is zero on the others" in text
+    assert "nan" not in text.split("## Per layer")[1].split("## Roles")[0].lower()
+    with pytest.raises(ReportError, match="recorded layers only"):
+        write_report(tmp_path / "x", recorded_layers=[0, 1], **kwargs)

@@ -87,6 +87,11 @@ class Alert:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Alert:
+        """The inverse of :meth:`to_dict` (for validated transcript readings)."""
+        return cls(str(data["kind"]), int(data["turn"]), str(data["message"]), float(data["value"]))
+
 
 def longest_run_below(values: Iterable[float], limit: float) -> int:
     """The longest run of consecutive values strictly below ``limit`` (NaN breaks a run)."""

@@ -394,11 +394,65 @@ class CompassSession:
         self.mode = check_cap_mode(mode, self.capping_config)
 
     def set_system_prompt(self, text: str | None) -> None:
-        """Replace (or with None/empty remove) the system message."""
+        """Replace (or with None/empty remove) the system message.
+
+        Readings and alerts keep pointing at their messages when one is added or removed.
+        """
+        before = len(self.messages)
         if self.messages and self.messages[0]["role"] == "system":
             self.messages.pop(0)
         if text:
             self.messages.insert(0, {"role": "system", "content": text})
+        shift = len(self.messages) - before
+        if shift:
+            mon = self.monitor
+            mon.turns[:] = [t.shifted(shift) for t in mon.turns]
+            mon.tracker.alerts[:] = [replace(a, turn=a.turn + shift) for a in mon.tracker.alerts]
+
+    def restore(
+        self, messages: Sequence[dict[str, str]], readings: Sequence[dict[str, Any]] = ()
+    ) -> tuple[int, int]:
+        """Continue from a saved conversation: its messages and (validated) readings.
+
+        Stored readings are kept as they are; assistant turns without one are measured now
+        (one uncapped forward pass). The alert history and the adaptive state are replayed in
+        turn order, so the rules go on from the loaded turns. Returns (kept, measured).
+        """
+        from .monitor import project_conversation
+
+        self.messages = [dict(m) for m in messages]
+        self.monitor = DriftMonitor(self.model, self.axis, rules=self.rules, on_alert=self.on_alert)
+        self.adaptive = AdaptiveCap(self.adaptive.policy)
+        stored = {
+            r.index: r
+            for r in (TurnReading.from_dict(dict(d)) for d in readings)
+            if r.index < len(self.messages)
+        }
+        answers = [i for i, m in enumerate(self.messages) if m["role"] == "assistant"]
+        missing = [i for i in answers if i not in stored]
+        measured = {}
+        if missing:
+            turns = project_conversation(self.model, self.tokenizer, self.axis, self.messages)
+            measured = {t.index: t for t in turns if t.index in missing}
+        mon, tracker = self.monitor, self.monitor.tracker
+        for index in sorted(set(stored) | set(measured)):
+            if index in stored:
+                reading = stored[index]
+                if reading.role == "assistant":
+                    pct = reading.percentile
+                    tracker.history.append(math.nan if pct is None else pct)
+                    tracker.alerts.extend(reading.alerts)
+            else:
+                turn = measured[index]
+                pct = mon.percentile(turn.projection)
+                alerts = tuple(tracker.observe(index, pct))
+                reading = TurnReading(
+                    index, "assistant", turn.projection, pct, turn.n_tokens, alerts=alerts
+                )
+            if reading.role == "assistant":
+                self.adaptive.update(reading)
+            mon.turns.append(reading)
+        return len(stored), len(measured)
 
     @property
     def cap_engaged(self) -> bool:

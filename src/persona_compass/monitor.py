@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from types import TracebackType
 from typing import Any
 
@@ -68,6 +68,28 @@ class TurnReading:
             "cap_engagement": self.cap_engagement,
             "alerts": [a.to_dict() for a in self.alerts],
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TurnReading:
+        """The inverse of :meth:`to_dict` (validate with ``transcripts.check_readings`` first)."""
+        projection = data["projection"]
+        percentile = data.get("percentile")
+        engagement = data.get("cap_engagement")
+        return cls(
+            index=int(data["index"]),
+            role=str(data["role"]),
+            projection=math.nan if projection is None else float(projection),
+            percentile=None if percentile is None else float(percentile),
+            n_tokens=int(data["n_tokens"]),
+            capped=bool(data.get("capped", False)),
+            cap_engagement=None if engagement is None else float(engagement),
+            alerts=tuple(Alert.from_dict(a) for a in data.get("alerts", ())),
+        )
+
+    def shifted(self, offset: int) -> TurnReading:
+        """The same reading with its (and its alerts') message index moved by ``offset``."""
+        alerts = tuple(replace(a, turn=a.turn + offset) for a in self.alerts)
+        return replace(self, index=self.index + offset, alerts=alerts)
 
 
 class DriftMonitor:

@@ -1,15 +1,19 @@
-"""``persona-compass demo``: a drifting conversation, uncapped then capped, side by side."""
+"""``persona-compass demo``: a drifting conversation, uncapped, capped and adaptive."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
 from rich.table import Table
 
 from .app import main
+
+if TYPE_CHECKING:
+    from ..demo import DemoTurn
 
 
 @main.command()
@@ -38,19 +42,23 @@ from .app import main
 def demo(
     model_spec: str, out_dir: Path, max_new_tokens: int, seed: int, rebuild_axis: bool
 ) -> None:
-    """Play a scripted conversation that pulls the model into a persona, uncapped and capped.
+    """Play a scripted conversation that pulls the model into a persona: uncapped, capped, adaptive.
 
     Uses the bundle shipped for the model (smollm2-135m has one, made by `extract --preset
     quick`); for other models it builds once, then caches, a quick contrast axis. Capping is
     the bundle's recommended config: a floor at the 25th percentile of role-play projections
-    on an upper-middle layer window. The same user turns are played twice with the same
-    seeds, and each answer's live position on the axis is printed. Writes demo.png and the
-    two transcripts to --out.
+    on an upper-middle layer window. The same user turns are played three times with the same
+    seeds: uncapped, always capped, and with adaptive capping (the cap engages after a drift
+    alert). Each answer's live position on the axis is printed with its percentile among
+    role-play answers. Writes demo.png, demo.html and the three transcripts (with readings)
+    to --out.
     """
     from ..demo import DRIFT_SCRIPT, load_or_build_quick_bundle, play
     from ..generation import SamplingConfig
+    from ..html_chart import Point, Series, calibration_bands, write_trajectory_html
     from ..models import load_model, model_display_name
     from ..plots import plot_trajectories
+    from ..transcripts import save_transcript
 
     console = Console(stderr=True)
     started = time.perf_counter()
@@ -66,8 +74,15 @@ def demo(
         f"(floor on the axis at the 25th percentile of role-play projections)"
     )
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, seed=seed)
+
+    def show(turn: DemoTurn) -> None:
+        r = turn.reading
+        pct = "" if r.percentile is None else f" ({r.percentile:.0f}th pct)"
+        flags = (" capped" if r.capped else "") + "".join(f" ALERT {a.kind}" for a in r.alerts)
+        console.print(f"  turn {turn.turn}: {r.projection:8.2f}{pct}{flags}  {turn.answer[:60]!r}")
+
     runs = []
-    for condition, config in (("uncapped", None), ("capped", cap)):
+    for condition, mode in (("uncapped", "off"), ("capped", "on"), ("adaptive", "adaptive")):
         console.print(f"[bold]Playing the conversation {condition}[/]")
         runs.append(
             play(
@@ -76,11 +91,10 @@ def demo(
                 axis,
                 DRIFT_SCRIPT,
                 condition=condition,
-                cap=config,
+                cap=cap,
+                mode=mode,
                 sampling=sampling,
-                on_turn=lambda r: console.print(
-                    f"  turn {r.turn}: {r.projection:8.2f}  {r.answer[:70]!r}"
-                ),
+                on_turn=show,
             )
         )
 
@@ -90,45 +104,49 @@ def demo(
     for run in runs:
         table.add_column(f"{run.condition}\nprojection (pct)", justify="right")
     for i, user in enumerate(DRIFT_SCRIPT):
-        cells = []
-        for run in runs:
-            t = run.turns[i]
-            pct = "" if t.percentile is None else f" ({t.percentile:.0f})"
-            cells.append(f"{t.projection:.2f}{pct}")
+        cells = [_cell(run.turns[i]) for run in runs]
         table.add_row(str(i + 1), user[:48] + ("…" if len(user) > 48 else ""), *cells)
     Console().print(table)
+    Console().print("* capped answer   ! drift alert raised on this answer")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    bands = {}
-    if axis.calibration is not None:
-        bands = {f"p{p} role-play": axis.calibration.threshold(layer, p) for p in (5, 25, 50)}
-    chart = plot_trajectories(
-        {run.condition: [t.projection for t in run.turns] for run in runs},
-        out_dir / "demo.png",
-        bands=bands,
-        title=f"{name}: drifting conversation, layer {layer}",
-    )
-    from ..atomic import write_json
-
+    series = [
+        Series(
+            run.condition,
+            [
+                Point(
+                    t.turn,
+                    t.projection,
+                    t.percentile,
+                    t.answer,
+                    alert=bool(t.reading.alerts),
+                    note="capped" if t.reading.capped else "",
+                )
+                for t in run.turns
+            ],
+        )
+        for run in runs
+    ]
+    bands = calibration_bands(axis.calibration, layer, suffix=" role-play") or {}
+    title = f"{name}: drifting conversation, layer {layer}"
+    chart = plot_trajectories(series, out_dir / "demo.png", bands=bands, title=title)
+    page = write_trajectory_html(series, out_dir / "demo.html", bands=bands, title=title)
     for run in runs:
-        conversation = []
-        for t in run.turns:
-            conversation += [
-                {"role": "user", "content": t.user},
-                {"role": "assistant", "content": t.answer},
-            ]
-        write_json(
+        save_transcript(
             out_dir / f"{run.condition}.json",
-            {
-                "model": model_spec,
-                "conversation": conversation,
-                "condition": run.condition,
-                "layer": layer,
-                "projections": [t.projection for t in run.turns],
-                "percentiles": [t.percentile for t in run.turns],
-            },
+            run.messages,
+            model=model_spec,
+            readings=run.readings(),
+            metadata={"condition": run.condition, "layer": layer, "capping": cap.name},
         )
     console.print(
-        f"chart: {chart}; transcripts: {out_dir}/uncapped.json, capped.json "
-        f"({time.perf_counter() - started:.0f} s)"
+        f"charts: {chart}, {page}; transcripts: {out_dir}/uncapped.json, capped.json, "
+        f"adaptive.json ({time.perf_counter() - started:.0f} s)"
     )
+
+
+def _cell(turn: DemoTurn) -> str:
+    r = turn.reading
+    pct = "" if r.percentile is None else f" ({r.percentile:.0f})"
+    marks = ("*" if r.capped else "") + ("!" if r.alerts else "")
+    return f"{r.projection:.2f}{pct}{marks}"

@@ -33,13 +33,16 @@ class GenerationCapture:
     Args:
         model: the causal LM that will run ``generate``.
         stop_ids: token ids that end an answer (end-of-turn, eos; pad when it equals eos).
-        layers: blocks to record (default: all).
+        layers: blocks to record (default: all): an int, a list, ``"16:24"``, ``"all"``.
+            Only those blocks get a hook; :meth:`means` has one row per entry of
+            :attr:`layers` (sorted block indices), so memory shrinks with the selection.
         block_path: explicit dotted path to the decoder blocks, if discovery fails.
 
     Example:
         >>> with GenerationCapture(model, stop_ids=[eos]) as cap:
         ...     model.generate(**batch, max_new_tokens=64)
         >>> cap.means().shape, cap.counts()   # (batch, layers, d_model), tokens per row
+        >>> GenerationCapture(model, [eos], layers="16:24").layers   # [16, ..., 23]
     """
 
     def __init__(

@@ -5,6 +5,15 @@ One pass per rollout: activations are captured while the answer is generated
 are committed atomically per role after every batch. Rerunning the same command resumes.
 When every rollout is in, :func:`build_bundle` turns the sums into the axis, calibration,
 recommended monitor layer and capping config, and writes the report.
+
+Recorded layers (``--layers``): by default every decoder block is recorded. A selection such
+as ``"16:24"`` records only those blocks (hooks on them only; role states, samples and memory
+shrink in proportion). The bundle keeps the full ``(n_layers, d_model)`` shape every consumer
+expects: unrecorded layers are zero rows of the axis and of its vectors (an :class:`Axis`
+treats a zero row as "no direction here" and refuses to project, steer or cap on it), their
+per-layer scores in the metadata are ``null``, and ``metadata["recorded_layers"]`` lists the
+recorded ones. The monitor layer and the capping window are chosen among recorded layers only.
+The selection is a resume setting: a rerun with other ``--layers`` is refused.
 """
 
 from __future__ import annotations
@@ -12,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
+import re
 import shlex
 import sys
 import time
@@ -31,8 +42,9 @@ from ..axis import Axis, model_fingerprint
 from ..calibration import Calibration
 from ..capping import CappingConfig
 from ..chat import render_chat
-from ..errors import PersonaCompassError
+from ..errors import LayerError, PersonaCompassError
 from ..generation import SamplingConfig, eos_ids, left_pad
+from ..layers import normalize_layers, num_layers
 from ..record import record_span_means
 from .capture import GenerationCapture
 from .catalogue import DEFAULT_ROLE, Catalogue, load_catalogue
@@ -47,7 +59,7 @@ from .report import (
     rank_roles,
     write_report,
 )
-from .store import ExtractionStore, RoleState, RolloutRecord
+from .store import ExtractionStore, RoleState, RolloutRecord, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +105,67 @@ RESUME_KEYS = (
     "seed",
     "samples_per_role",
     "generator",
+    "layers",
 )
+# What a run.json written before a key was recorded meant by it (checked on resume).
+LEGACY_SETTINGS: dict[str, Any] = {"layers": "all"}
+
+_LAYER_PART = re.compile(r"^(-?\d+|(-?\d+)?:(-?\d+)?)$")
+
+
+def check_layer_spec(spec: Any) -> str:
+    """Check the syntax of a layer selection and return it as a string (no model needed).
+
+    Accepts ``"all"``, ``"20"``, ``"16:24"`` (half-open), ``"-8:"``, ``"3,5,16:20"``, an int
+    or a list of ints. Whether the blocks exist is checked against the model later
+    (:func:`resolve_layers`).
+
+    Raises:
+        LayerError: the selection cannot be read.
+    """
+    if isinstance(spec, bool):
+        raise LayerError(f"layers={spec!r} is not a layer selection")
+    if isinstance(spec, int):
+        return str(spec)
+    if isinstance(spec, (list, tuple)):
+        if not spec:
+            raise LayerError("the layer selection is empty; name at least one block index")
+        if any(isinstance(x, bool) or not isinstance(x, int) for x in spec):
+            raise LayerError(f"layers={list(spec)!r} must be block indices (integers)")
+        return ",".join(str(x) for x in spec)
+    if not isinstance(spec, str):
+        raise LayerError(f"layers={spec!r} must be a string such as 'all' or '16:24'")
+    text = spec.strip().lower()
+    parts = [part.strip() for part in text.split(",")]
+    if text != "all" and not all(_LAYER_PART.match(part) for part in parts):
+        raise LayerError(
+            f"cannot read the layer selection {spec!r}; write 'all', one block '20', a "
+            "half-open range '16:24' (negative counts from the end, '-8:' = the last 8), or a "
+            "comma list such as '3,5,16:20'"
+        )
+    return text.replace(" ", "")
+
+
+def resolve_layers(spec: str, n_layers: int) -> list[int]:
+    """The sorted block indices a layer selection names on a model with ``n_layers`` blocks."""
+    try:
+        return normalize_layers(spec, n_layers)
+    except LayerError as exc:
+        raise LayerError(f"--layers {spec!r}: {exc}") from None
+
+
+def layers_text(layers: Sequence[int], n_layers: int) -> str:
+    """The canonical form of a selection: ``"all"``, or runs such as ``"3,5,16:24"``."""
+    chosen = sorted(set(layers))
+    if chosen == list(range(n_layers)):
+        return "all"
+    runs: list[list[int]] = []
+    for layer in chosen:
+        if runs and layer == runs[-1][1]:
+            runs[-1][1] = layer + 1
+        else:
+            runs.append([layer, layer + 1])
+    return ",".join(str(lo) if hi == lo + 1 else f"{lo}:{hi}" for lo, hi in runs)
 
 
 @dataclass(frozen=True)
@@ -118,6 +190,7 @@ class ExtractSettings:
     roles_path: str | None = None
     questions_path: str | None = None
     generator: str | None = None
+    layers: str = "all"
     command: str = ""
 
     @classmethod
@@ -130,6 +203,7 @@ class ExtractSettings:
         return cls(model=model, preset=preset, **values)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", check_layer_spec(self.layers))
         for name in ("max_new_tokens", "batch_size", "min_role_count"):
             if getattr(self, name) < 1:
                 raise PersonaCompassError(f"{name}={getattr(self, name)} must be at least 1")
@@ -223,7 +297,13 @@ def _truncate(ids: list[int], stops: set[int], budget: int) -> list[int]:
 
 @torch.inference_mode()
 def generate_with_capture(
-    model: nn.Module, tokenizer: Any, batch: Sequence[Job], sampling: SamplingConfig, seed: int
+    model: nn.Module,
+    tokenizer: Any,
+    batch: Sequence[Job],
+    sampling: SamplingConfig,
+    seed: int,
+    *,
+    layers: Sequence[int] | None = None,
 ) -> tuple[list[str], list[int], torch.Tensor, torch.Tensor]:
     """Generate answers for a batch and capture their mean activations in the same pass.
 
@@ -231,7 +311,8 @@ def generate_with_capture(
     the last kept token back, so every kept token is captured (the stored answer and its
     activations cover exactly the same tokens).
 
-    Returns (texts, content token counts, means (B, L, D), captured counts (B,)).
+    Returns (texts, content token counts, means (B, n_recorded, D), captured counts (B,));
+    ``layers`` picks the recorded blocks (default: all).
     """
     prompts = [
         render_chat(tokenizer, job.messages(), add_generation_prompt=True).input_ids
@@ -242,7 +323,7 @@ def generate_with_capture(
     inputs = left_pad(prompts, pad, next(model.parameters()).device)
     torch.manual_seed(seed)
     budget = sampling.max_new_tokens
-    with GenerationCapture(model, stop_ids=stops) as cap:
+    with GenerationCapture(model, stop_ids=stops, layers=layers) as cap:
         out = model.generate(  # type: ignore[operator]
             **inputs,
             max_new_tokens=budget + 1,
@@ -265,7 +346,13 @@ def generate_with_capture(
 
 
 def generate_external(
-    model: nn.Module, tokenizer: Any, generator: Any, batch: Sequence[Job], sampling: SamplingConfig
+    model: nn.Module,
+    tokenizer: Any,
+    generator: Any,
+    batch: Sequence[Job],
+    sampling: SamplingConfig,
+    *,
+    layers: Sequence[int] | None = None,
 ) -> tuple[list[str], list[int], torch.Tensor, torch.Tensor]:
     """Answers from an external server, activations recorded locally in a second pass."""
     texts = generator.generate([job.messages() for job in batch], sampling)
@@ -273,7 +360,7 @@ def generate_external(
         [*job.messages(), {"role": "assistant", "content": t}]
         for job, t in zip(batch, texts, strict=True)
     ]
-    recorded = record_span_means(model, tokenizer, convs, batch_size=len(convs))
+    recorded = record_span_means(model, tokenizer, convs, layers=layers, batch_size=len(convs))
     n_tokens = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     means = torch.stack([r[-1] for r in recorded])
     return list(texts), n_tokens, means, torch.tensor(n_tokens)
@@ -297,6 +384,7 @@ def plan_run(
         "max_new_tokens": settings.max_new_tokens,
         "max_tokens_total": len(jobs) * settings.max_new_tokens,
         "judge": settings.judge,
+        "layers": settings.layers,
     }
     return catalogue, jobs, plan
 
@@ -313,10 +401,21 @@ def run_extraction(
     on_plan: Callable[[dict[str, Any]], None] | None = None,
     dry_run: bool = False,
 ) -> ExtractionResult:
-    """Run (or resume) an extraction into ``out_dir`` and build its bundle in ``out_dir/bundle``."""
+    """Run (or resume) an extraction into ``out_dir`` and build its bundle in ``out_dir/bundle``.
+
+    ``settings.layers`` is resolved against the model's blocks before anything is written.
+    """
     catalogue, jobs, plan = plan_run(settings, model_name)
+    n_layers = num_layers(model)
+    layers = resolve_layers(settings.layers, n_layers)
+    plan.update(
+        layers=layers_text(layers, n_layers), n_layers=n_layers, n_recorded_layers=len(layers)
+    )
     record = {
         **asdict(settings),
+        "layers": plan["layers"],
+        "recorded_layers": layers,
+        "n_layers": n_layers,
         "model_id": model_id,
         "model_fingerprint": model_fingerprint(model),
         "catalogue_digest": catalogue_digest(catalogue),
@@ -328,11 +427,11 @@ def run_extraction(
     if dry_run:
         return ExtractionResult(out_dir, None, len(jobs), 0, {"plan": plan})
 
-    store = ExtractionStore(out_dir, record, resume_keys=RESUME_KEYS)
+    store = ExtractionStore(out_dir, record, resume_keys=RESUME_KEYS, legacy=LEGACY_SETTINGS)
     states: dict[str, RoleState] = {}
     for job in jobs:
         if job.role not in states:
-            states[job.role] = store.load_role(job.role)
+            states[job.role] = _check_rows(store.load_role(job.role), len(layers), store)
     todo = [job for job in jobs if job.id not in states[job.role].records]
     keep = sample_ids(jobs, settings.samples_per_role, settings.seed)
     judge = make_judge(settings.judge, model=model, tokenizer=tokenizer)
@@ -357,11 +456,11 @@ def run_extraction(
         seed = int(hashlib.sha256(f"{settings.seed}/{batch[0].id}".encode()).hexdigest()[:8], 16)
         if generator is None:
             texts, n_tokens, means, counts = generate_with_capture(
-                model, tokenizer, batch, sampling, seed
+                model, tokenizer, batch, sampling, seed, layers=layers
             )
         else:
             texts, n_tokens, means, counts = generate_external(
-                model, tokenizer, generator, batch, sampling
+                model, tokenizer, generator, batch, sampling, layers=layers
             )
         to_judge = [i for i, job in enumerate(batch) if job.role != DEFAULT_ROLE]
         scores: list[int | None] = [None] * len(batch)  # default rollouts all count, unjudged
@@ -412,6 +511,32 @@ def run_extraction(
     )
 
 
+def _check_rows(state: RoleState, n_recorded: int, store: ExtractionStore) -> RoleState:
+    """A role state whose activations do not have one row per recorded layer is refused."""
+    rows = state.n_rows
+    if rows is not None and rows != n_recorded:
+        raise StoreError(
+            f"{store.state_path(state.role)} holds activations of {rows} layers but the run "
+            f"records {n_recorded}; it belongs to another --layers setting: delete it to redo "
+            "that role, or choose a new --out"
+        )
+    return state
+
+
+def _scatter(
+    values: torch.Tensor, layers: Sequence[int], n_layers: int, fill: float
+) -> torch.Tensor:
+    """Put ``values`` (k, ...) at rows ``layers`` of an (n_layers, ...) tensor of ``fill``."""
+    out = torch.full((n_layers, *values.shape[1:]), fill, dtype=values.dtype)
+    out[torch.tensor(list(layers), dtype=torch.long)] = values.to("cpu")
+    return out
+
+
+def _rounded(values: torch.Tensor) -> list[float | None]:
+    """Per-layer numbers for the metadata: 4 decimals, ``None`` for an unrecorded layer."""
+    return [None if math.isnan(float(v)) else round(float(v), 4) for v in values]
+
+
 def build_bundle(
     store: ExtractionStore,
     states: dict[str, RoleState],
@@ -422,7 +547,17 @@ def build_bundle(
     record: dict[str, Any],
     generation_seconds: float | None = None,
 ) -> Path:
-    """Role vectors, axis, calibration, monitor layer, capping config and report -> bundle."""
+    """Role vectors, axis, calibration, monitor layer, capping config and report -> bundle.
+
+    The scores are computed on the recorded layers (``record["recorded_layers"]``, default
+    all) and put back in place in full-depth tensors: unrecorded layers get zero rows in the
+    axis and its vectors, NaN in the report, ``None`` in the metadata.
+    """
+    n_layers = num_layers(model)
+    layers: list[int] = list(record.get("recorded_layers") or range(n_layers))
+    nan = float("nan")
+    for state in states.values():
+        _check_rows(state, len(layers), store)
     default_state = states[DEFAULT_ROLE]
     default_vec, n_default = default_state.mean()
     if default_vec is None:
@@ -444,7 +579,8 @@ def build_bundle(
             "(score 3) rollouts; lower --min-role-count, use more prompts/questions, or use "
             "--judge none"
         )
-    role_stack = torch.stack(role_vecs)  # (R, L, D)
+    # Everything below up to the scatter works on the k recorded layers: (.., k, D).
+    role_stack = torch.stack(role_vecs)  # (R, k, D)
     directions = default_vec - role_stack.mean(0)
 
     acts, labels, qids = [], [], []
@@ -455,18 +591,22 @@ def build_bundle(
             qids.append(state.records[rid].question_id)
     samples = RolloutSamples(torch.stack(acts), tuple(labels), tuple(qids))
     held = heldout_auroc(samples, seed=settings.seed)
-    auroc, separation = held["auroc"], held["separation"]
-    monitor_layer = choose_monitor_layer(auroc, separation)
+    auroc = _scatter(held["auroc"], layers, n_layers, nan)
+    separation = _scatter(held["separation"], layers, n_layers, nan)
+    monitor_layer = choose_monitor_layer(auroc, separation, layers=layers)
     units = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    projections = torch.einsum("nld,ld->nl", samples.acts.double(), units.double()).float()
+    projections_k = torch.einsum("nld,ld->nl", samples.acts.double(), units.double()).float()
+    # an unrecorded layer's axis is zero, so every projection on it is 0
+    projections = _scatter(projections_k.T, layers, n_layers, 0.0).T.contiguous()  # (N, L)
     is_role = torch.tensor([lab != DEFAULT_ROLE for lab in labels])
     calibration = Calibration.from_projections(
         projections[is_role], source=f"{int(is_role.sum())} sampled role-play rollouts"
     )
-    variance, components = pca(role_stack, k=min(10, len(role_vecs)))
-    cos = pc1_cosine(directions, components)
-    ranking = rank_roles(role_names, role_stack, directions, monitor_layer)
-    window = choose_capping_window(separation)
+    variance_k, components = pca(role_stack, k=min(10, len(role_vecs)))
+    variance = _scatter(variance_k, layers, n_layers, nan)
+    cos = _scatter(pc1_cosine(directions, components), layers, n_layers, nan)
+    ranking = rank_roles(role_names, role_stack, directions, layers.index(monitor_layer))
+    window = choose_capping_window(separation, layers=layers)
     storage = store.storage_bytes()
     metadata = {
         "method": "role-play extraction (single-pass capture)",
@@ -479,10 +619,12 @@ def build_bundle(
         "dropped_roles": dropped,
         "questions": settings.n_questions,
         "max_new_tokens": settings.max_new_tokens,
-        "auroc": [round(float(a), 4) for a in auroc],
-        "separation": [round(float(s), 4) for s in separation],
-        "pc1_cosine": [round(float(c), 4) for c in cos],
-        "pc1_variance": [round(float(v), 4) for v in variance[:, 0]],
+        "layers": layers_text(layers, n_layers),
+        "recorded_layers": layers,
+        "auroc": _rounded(auroc),
+        "separation": _rounded(separation),
+        "pc1_cosine": _rounded(cos),
+        "pc1_variance": _rounded(variance[:, 0]),
         "monitor_auroc": round(float(auroc[monitor_layer]), 4),
         "monitor_pc1_cosine": round(float(cos[monitor_layer]), 4),
         "capping_window": list(window),
@@ -492,15 +634,18 @@ def build_bundle(
         "settings": {k: record[k] for k in sorted(record) if k != "command"},
     }
     axis = Axis(
-        directions=directions.float(),
+        directions=_scatter(directions.float(), layers, n_layers, 0.0),
         model_id=model_id,
         fingerprint=model_fingerprint(model),
         monitor_layer=monitor_layer,
         vectors={
-            "default": default_vec,
-            **{f"role/{r}": v for r, v in zip(role_names, role_vecs, strict=True)},
+            "default": _scatter(default_vec, layers, n_layers, 0.0),
+            **{
+                f"role/{r}": _scatter(v, layers, n_layers, 0.0)
+                for r, v in zip(role_names, role_vecs, strict=True)
+            },
         },
-        residual_norms=samples.acts.norm(dim=-1).mean(0).float(),
+        residual_norms=_scatter(samples.acts.norm(dim=-1).mean(0).float(), layers, n_layers, 0.0),
         calibration=calibration,
         metadata=metadata,
     )
@@ -521,6 +666,7 @@ def build_bundle(
         ranking=ranking,
         monitor_layer=monitor_layer,
         capping_window=window,
+        recorded_layers=layers,
     )
     return bundle_dir
 
@@ -545,7 +691,8 @@ def rejudge(
     The stored answers are re-scored; the per-score running sums are rebuilt from one
     teacher-forced forward pass over each stored conversation (a rollout's activations are
     only kept as sums, so moving it between score buckets needs them once more). Sampled
-    per-rollout activations are refreshed the same way, then the bundle is rebuilt.
+    per-rollout activations are refreshed the same way (on the run's recorded layers), then
+    the bundle is rebuilt.
     """
     root = Path(out_dir)
     run_file = root / "run.json"
@@ -559,7 +706,15 @@ def rejudge(
     known = {f.name for f in ExtractSettings.__dataclass_fields__.values()}
     settings = ExtractSettings(**{k: v for k, v in record.items() if k in known})
     settings = ExtractSettings(**{**asdict(settings), "judge": judge_spec})
-    record = {**record, "judge": judge_spec}
+    n_layers = num_layers(model)
+    layers = list(record.get("recorded_layers") or resolve_layers(settings.layers, n_layers))
+    record = {
+        **record,
+        "judge": judge_spec,
+        "layers": layers_text(layers, n_layers),
+        "recorded_layers": layers,
+        "n_layers": n_layers,
+    }
     store = ExtractionStore(root, record, resume_keys=())
     catalogue = load_catalogue(settings.roles_path, settings.questions_path)
     rubrics = {r.name: r.rubric for r in catalogue.roles}
@@ -585,7 +740,11 @@ def rejudge(
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
             means = record_span_means(
-                model, tokenizer, [r.conversation() for r in chunk], batch_size=batch_size
+                model,
+                tokenizer,
+                [r.conversation() for r in chunk],
+                layers=layers,
+                batch_size=batch_size,
             )
             for rec, mean in zip(chunk, means, strict=True):
                 usable = rec.n_tokens > 0 and mean.shape[0] > 0

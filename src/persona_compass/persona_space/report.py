@@ -411,11 +411,26 @@ def _per_layer(x: Tensor | Sequence[float], name: str) -> Tensor:
     return t
 
 
+def _allowed_layers(layers: Iterable[int] | None, n_layers: int, name: str) -> list[int]:
+    """The sorted, unique layers a choice may use (all when ``layers`` is None)."""
+    if layers is None:
+        return list(range(n_layers))
+    out = set()
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+            raise ReportError(f"{name} must hold layer indices in [0, {n_layers}), got {layer!r}")
+        out.add(layer)
+    if not out:
+        raise ReportError(f"{name} is empty; allow at least one layer")
+    return sorted(out)
+
+
 def choose_monitor_layer(
     auroc: Tensor | Sequence[float],
     separation: Tensor | Sequence[float],
     *,
     min_depth: float = 0.25,
+    layers: Iterable[int] | None = None,
 ) -> int:
     """The layer a live monitor should read: the best held-out AUROC past ``min_depth``.
 
@@ -426,6 +441,12 @@ def choose_monitor_layer(
     chosen from held-out data: highest AUROC on unseen questions, ties (common once the
     classes separate perfectly, AUROC = 1) broken by the larger standardised separation d',
     then by the lower layer. NaN values never win.
+
+    Args:
+        auroc, separation: ``(L,)`` held-out scores per layer (NaN where unknown).
+        min_depth: the shallowest share of the depth that is skipped, in [0, 1).
+        layers: the layers that may be chosen, e.g. the ones an extraction recorded (default:
+            all). If none of them lies past ``min_depth``, the best of them is taken anyway.
     """
     a = _per_layer(auroc, "auroc")
     s = _per_layer(separation, "separation")
@@ -434,7 +455,9 @@ def choose_monitor_layer(
     if not (isinstance(min_depth, (int, float)) and 0.0 <= float(min_depth) < 1.0):
         raise ReportError(f"min_depth must be in [0, 1), got {min_depth!r}")
     n_layers = a.numel()
+    allowed = _allowed_layers(layers, n_layers, "layers")
     start = min(math.ceil(float(min_depth) * n_layers), n_layers - 1)
+    candidates = [layer for layer in allowed if layer >= start] or allowed
     neg_inf = float("-inf")
 
     def key(layer: int) -> tuple[float, float, int]:
@@ -445,7 +468,7 @@ def choose_monitor_layer(
             -layer,
         )
 
-    return max(range(start, n_layers), key=key)
+    return max(candidates, key=key)
 
 
 def default_window_width(n_layers: int) -> int:
@@ -458,6 +481,7 @@ def choose_capping_window(
     *,
     width: int | None = None,
     min_start_frac: float = 0.5,
+    layers: Iterable[int] | None = None,
 ) -> tuple[int, int]:
     """A half-open window ``[start, start + width)`` of layers for activation capping.
 
@@ -468,29 +492,57 @@ def choose_capping_window(
     ``ceil(min_start_frac * L)`` and, among those positions, the one whose layers have the
     largest mean held-out separation d' is taken: capping acts on the axis, so it should act
     where the axis measures the persona best. Ties go to the earlier window; NaN counts as
-    the worst. If the window does not fit past the start, it is the last ``width`` layers.
+    the worst. If no window fits past the start, the last possible window is taken.
 
     Args:
         separation: ``(L,)`` held-out separation per layer.
-        width: layers in the window (default :func:`default_window_width`).
+        width: layers in the window (default :func:`default_window_width`, shortened to the
+            longest run of consecutive allowed layers when ``layers`` is given).
         min_start_frac: earliest start as a fraction of the depth, in [0, 1).
+        layers: the layers the window may cover, e.g. the ones an extraction recorded
+            (default: all); every layer of the window is one of them.
+
+    Raises:
+        ReportError: bad arguments, or no ``width`` consecutive allowed layers.
     """
     s = _per_layer(separation, "separation")
     n_layers = s.numel()
+    allowed = _allowed_layers(layers, n_layers, "layers")
     if width is None:
-        width = default_window_width(n_layers)
+        width = min(default_window_width(n_layers), _longest_run(allowed))
     if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= n_layers:
         raise ReportError(f"width must be an int in [1, {n_layers}], got {width!r}")
     if not (isinstance(min_start_frac, (int, float)) and 0.0 <= float(min_start_frac) < 1.0):
         raise ReportError(f"min_start_frac must be in [0, 1), got {min_start_frac!r}")
     s = torch.nan_to_num(s, nan=float("-inf"))
-    first = min(math.ceil(float(min_start_frac) * n_layers), n_layers - width)
-    best_start, best_mean = first, float("-inf")
-    for start in range(first, n_layers - width + 1):
+    ok = set(allowed)
+    starts = [
+        start
+        for start in range(n_layers - width + 1)
+        if all(layer in ok for layer in range(start, start + width))
+    ]
+    if not starts:
+        raise ReportError(
+            f"no {width} consecutive layers among the allowed layers {allowed}; "
+            "use a smaller width or allow more layers"
+        )
+    first = math.ceil(float(min_start_frac) * n_layers)
+    preferred = [start for start in starts if start >= first] or [starts[-1]]
+    best_start, best_mean = preferred[0], float("-inf")
+    for start in preferred:
         mean = float(s[start : start + width].mean())
         if mean > best_mean:
             best_start, best_mean = start, mean
     return best_start, best_start + width
+
+
+def _longest_run(layers: Sequence[int]) -> int:
+    """Length of the longest run of consecutive integers in sorted, unique ``layers``."""
+    best = run = 1
+    for prev, cur in zip(layers, layers[1:], strict=False):
+        run = run + 1 if cur == prev + 1 else 1
+        best = max(best, run)
+    return best
 
 
 # --------------------------------------------------------------------------- roles
@@ -625,6 +677,17 @@ def _plot_roles(
     _save(fig, plt, path)
 
 
+def _layer_text(layers: Sequence[int]) -> str:
+    """Sorted unique layers as runs: ``[3, 4, 5, 9]`` -> ``"3-5, 9"``."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][1] + 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    return ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in runs)
+
+
 def _role_table(rows: Iterable[tuple[int, str, float]]) -> list[str]:
     lines = ["| rank | role | projection |", "|---:|---|---:|"]
     lines += [f"| {rank} | {name} | {value:.4g} |" for rank, name, value in rows]
@@ -644,6 +707,7 @@ def write_report(
     monitor_layer: int,
     capping_window: tuple[int, int],
     extra_lines: Sequence[str] = (),
+    recorded_layers: Sequence[int] | None = None,
 ) -> Path:
     """Write ``report.md`` and the charts ``auroc.png``, ``variance.png``, ``roles.png``.
 
@@ -660,6 +724,10 @@ def write_report(
         monitor_layer: the layer a monitor reads (:func:`choose_monitor_layer`).
         capping_window: half-open ``(start, stop)`` (:func:`choose_capping_window`).
         extra_lines: further markdown lines, appended under "Notes".
+        recorded_layers: the layers the run recorded (``extract --layers``), default all.
+            The per-layer inputs still cover every layer (NaN where unrecorded); the table
+            lists the recorded layers only, and the monitor layer and capping window must
+            be among them.
 
     Returns:
         The path of ``report.md``.
@@ -686,6 +754,13 @@ def write_report(
             f"capping_window {tuple(capping_window)} is not a half-open range inside "
             f"[0, {n_layers})"
         )
+    recorded = _allowed_layers(recorded_layers, n_layers, "recorded_layers")
+    partial = len(recorded) < n_layers
+    if monitor_layer not in recorded or not set(range(start, stop)) <= set(recorded):
+        raise ReportError(
+            f"monitor_layer {monitor_layer} and capping_window {(start, stop)} must use "
+            f"recorded layers only ({_layer_text(recorded)})"
+        )
     ranking = [(str(name), float(value)) for name, value in ranking]
     if not ranking:
         raise ReportError("ranking is empty; rank at least one role with rank_roles")
@@ -705,7 +780,12 @@ def write_report(
     lines = [f"# Persona-space report: {model_id}", ""]
     lines += [f"- {key}: {_fmt(value)}" for key, value in summary.items()]
     lines += [
-        f"- layers: {n_layers}",
+        f"- n_layers: {n_layers}"
+        + (
+            f", recorded {len(recorded)} ({_layer_text(recorded)}); the axis is zero on the others"
+            if partial
+            else ""
+        ),
         "",
         "Held-out scores come from questions the axis was not built from: the projection of",
         "each test rollout on the unit axis, default Assistant (positive) vs role-play.",
@@ -717,7 +797,8 @@ def write_report(
         "",
         f"- **Monitor layer: {m}** ({100.0 * m / n_layers:.0f}% of depth): held-out AUROC "
         f"{float(a[m]):.3f}, d' {float(s[m]):.2f}, |cos(axis, PC1)| {float(c[m]):.3f}. "
-        f"Best held-out AUROC at any layer: {best_value:.3f} "
+        f"Best held-out AUROC at any {'recorded ' if partial else ''}layer: "
+        f"{best_value:.3f} "
         f"(layer{'s' if len(best_layers) > 1 else ''} {best_text}).",
         "  Why: the lowest layers separate the Assistant from role-play poorly, so the",
         "  monitor reads the layer past them with the best AUROC on unseen questions (ties",
@@ -734,7 +815,7 @@ def write_report(
         "| layer | AUROC | d' | abs cos(axis, PC1) | PC1 variance | use |",
         "|---:|---:|---:|---:|---:|---|",
     ]
-    for layer in range(n_layers):
+    for layer in recorded:
         marks = []
         if layer == m:
             marks.append("monitor")

@@ -4,7 +4,8 @@ Layout of an extraction folder ``DIR``::
 
     DIR/run.json                      settings of the run (a resume must match them)
     DIR/activations/{role}.safetensors  running sums per score bucket, sampled per-rollout
-                                      means (float16), and the role's rollout records
+                                      means (float16), and the role's rollout records; one
+                                      row per recorded layer (run.json's recorded_layers)
     DIR/responses/{role}.jsonl        the same records in the research release's layout
                                       (derived from the state file, rewritten with it)
     DIR/bundle/                       the axis bundle, once the run is complete
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,13 @@ class RoleState:
             self.sample_ids.append(record.id)
             self.samples.append(mean.to(torch.float16))
 
+    @property
+    def n_rows(self) -> int | None:
+        """Layers per stored activation (the recorded layers), None while nothing is stored."""
+        for tensor in (*self.sums.values(), *self.samples):
+            return int(tensor.shape[0])
+        return None
+
     def mean(self, buckets: tuple[str, ...] | None = None) -> tuple[torch.Tensor | None, int]:
         """Mean activation over the given buckets (all when None) and the rollout count."""
         keys = [b for b in self.sums if buckets is None or b in buckets]
@@ -170,8 +178,19 @@ class RoleState:
 class ExtractionStore:
     """The folder of one extraction run: settings, per-role states, research-format responses."""
 
-    def __init__(self, root: str | Path, settings: dict[str, Any], *, resume_keys: tuple[str, ...]):
-        """Open or create the store; an existing run must match ``settings`` on ``resume_keys``."""
+    def __init__(
+        self,
+        root: str | Path,
+        settings: dict[str, Any],
+        *,
+        resume_keys: tuple[str, ...],
+        legacy: Mapping[str, Any] | None = None,
+    ):
+        """Open or create the store; an existing run must match ``settings`` on ``resume_keys``.
+
+        ``legacy`` gives the value a resume key had before it was recorded: a run.json written
+        by an older version that lacks the key is compared as if it held that value.
+        """
         self.root = Path(root)
         self.settings = settings
         run_file = self.root / "run.json"
@@ -180,15 +199,16 @@ class ExtractionStore:
                 previous = json.loads(run_file.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError) as exc:
                 raise StoreError(f"{run_file}: unreadable ({exc}); use a new --out") from None
+            old = {**(legacy or {}), **previous}
             diffs = [
-                f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}"
+                f"{k}: {old.get(k)!r} -> {settings.get(k)!r}"
                 for k in resume_keys
-                if previous.get(k) != settings.get(k)
+                if old.get(k) != settings.get(k)
             ]
             if diffs:
                 raise StoreError(
                     f"{self.root} holds a run with other settings ({'; '.join(diffs)}); "
-                    "resume with the same settings or choose a new --out"
+                    f"resume with the same settings (see {run_file}) or choose a new --out"
                 )
             logger.info("resuming the run in %s", self.root)
         elif self.root.exists() and any(self.root.iterdir()):

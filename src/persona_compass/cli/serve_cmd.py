@@ -1,0 +1,161 @@
+"""``persona-compass serve``: the OpenAI-compatible server with capping and drift telemetry."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import Any
+
+import click
+
+from .app import main
+
+API_KEY_ENV = "PERSONA_COMPASS_API_KEY"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@main.command()
+@click.option("--axis", "axis_spec", required=True, help="Axis bundle folder (or shipped alias).")
+@click.option(
+    "--model",
+    "model_spec",
+    default=None,
+    help="Model spec (default: the bundle's model, else smollm2-135m).",
+)
+@click.option(
+    "--cap",
+    "cap_mode",
+    type=click.Choice(["off", "on", "adaptive"]),
+    default="off",
+    show_default=True,
+    help="Default cap mode; a request may choose another with persona_compass.cap.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option(
+    "--api-key",
+    default=None,
+    envvar=API_KEY_ENV,
+    help=f"Require 'Authorization: Bearer KEY' (also read from ${API_KEY_ENV}).",
+)
+@click.option(
+    "--max-tokens",
+    "max_tokens",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="The largest max_tokens a request may ask for.",
+)
+@click.option(
+    "--default-max-tokens",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="max_tokens for requests that give none (at most --max-tokens).",
+)
+@click.option(
+    "--queue",
+    "queue_size",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Requests that may wait for the model; more get 429 with Retry-After.",
+)
+@click.option("--dtype", default=None, help="Model dtype, e.g. bfloat16 or float32.")
+@click.option(
+    "--log-level",
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+    default="info",
+    show_default=True,
+    help="uvicorn's log level.",
+)
+def serve(
+    axis_spec: str,
+    model_spec: str | None,
+    cap_mode: str,
+    host: str,
+    port: int,
+    api_key: str | None,
+    max_tokens: int,
+    default_max_tokens: int,
+    queue_size: int,
+    dtype: str | None,
+    log_level: str,
+) -> None:
+    """Serve the model behind an OpenAI-compatible API with capping and drift telemetry.
+
+    POST /v1/chat/completions (streaming too) answers with a persona_compass object: the
+    answer's position on the Assistant Axis, its percentile, alerts and the cap state.
+    GET / is a chat page with a live drift chart; GET /metrics is Prometheus text.
+    The model and axis load before the server accepts connections.
+    """
+    try:
+        import uvicorn  # noqa: F401
+
+        from ..server.app import ServerConfig, create_app_from_specs
+    except ImportError as exc:  # the server extra is not installed
+        raise click.ClickException(
+            f"the server needs fastapi and uvicorn ({exc}); pip install 'persona-compass[server]'"
+        ) from None
+    from ..bundles import resolve_bundle
+    from ..capping import CAPPING_FILE
+
+    bundle = resolve_bundle(axis_spec)
+    if cap_mode != "off" and not (bundle / CAPPING_FILE).is_file():
+        raise click.ClickException(
+            f"--cap {cap_mode} needs a capping config, and {bundle} has no {CAPPING_FILE}; "
+            "use --cap off (requests can still send a capping window), or add one"
+        )
+    key = api_key.strip() if api_key else None
+    if not is_loopback(host) and key is None:
+        click.echo(
+            f"warning: binding {host} without an API key: anyone who can reach this address "
+            f"can use the model; pass --api-key or set ${API_KEY_ENV}",
+            err=True,
+        )
+    config = ServerConfig(
+        model_name=model_spec or "",
+        cap_mode=cap_mode,
+        api_key=key or None,
+        max_tokens_limit=max_tokens,
+        default_max_tokens=min(default_max_tokens, max_tokens),
+        queue_size=queue_size,
+    )
+    app = create_app_from_specs(axis_spec, model_spec, config, dtype=dtype)
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"persona-compass serve: loading, then listening on http://{shown}:{port}", err=True)
+    run_server(app, host=host, port=port, log_level=log_level)
+
+
+def run_server(app: Any, *, host: str, port: int, log_level: str) -> None:
+    """Run uvicorn until it stops; a loading error becomes one line and exit code 1."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5
+    )
+    server = uvicorn.Server(config)
+
+    def quiet(record: logging.LogRecord) -> bool:
+        # once loading failed, uvicorn's traceback and "startup failed" lines add nothing
+        return getattr(app.state, "startup_error", None) is None
+
+    logging.getLogger("uvicorn.error").addFilter(quiet)
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits on a failed startup; say why in one line below
+        pass
+    error = getattr(app.state, "startup_error", None)
+    if error is not None:
+        raise click.ClickException(str(error))
+    if not server.started:
+        raise click.ClickException("the server did not start (see the log above)")

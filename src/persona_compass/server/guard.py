@@ -1,0 +1,102 @@
+"""The guard middleware: API key, request body size, and request counting.
+
+Pure ASGI rather than a Starlette ``BaseHTTPMiddleware``, so streaming answers pass through
+untouched.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .metrics import Metrics
+from .responses import error_response
+from .schemas import RequestError
+
+OPEN_PATHS = ("/health", "/")  # plus /static/...: no API key needed
+
+
+def _endpoint_label(path: str) -> str:
+    """A bounded label for the request counter."""
+    if path.startswith("/static/") or path == "/":
+        return "web"
+    if path.startswith("/v1/models"):
+        return "/v1/models"
+    if path in ("/v1/chat/completions", "/v1/compass", "/metrics", "/health"):
+        return path
+    return "other"
+
+
+def _is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith("/static/")
+
+
+class GuardMiddleware:
+    """Checks ``Authorization`` and ``Content-Length`` and counts answers by status."""
+
+    def __init__(
+        self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, metrics: Metrics
+    ) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    def _check(self, scope: Scope) -> RequestError | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key is not None and not _is_open(scope.get("path", "")):
+            auth = headers.get("authorization", "")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                return RequestError(
+                    "missing API key: send the header 'Authorization: Bearer <key>'",
+                    status=401,
+                    type="authentication_error",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            if not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+                return RequestError(
+                    "incorrect API key",
+                    status=401,
+                    type="authentication_error",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        length = headers.get("content-length")
+        if length is not None:
+            try:
+                size = int(length)
+            except ValueError:
+                return RequestError("Content-Length is not a number")
+            if size > self.max_body_bytes:
+                return RequestError(
+                    f"the request body is {size} bytes; this server takes at most "
+                    f"{self.max_body_bytes}",
+                    status=413,
+                    code="request_too_large",
+                )
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [500]
+
+        async def send_counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+            await send(message)
+
+        try:
+            error = self._check(scope)
+            if error is not None:
+                await error_response(error)(scope, receive, send_counted)
+                return
+            await self.app(scope, receive, send_counted)
+        finally:
+            self.metrics.requests.inc(
+                endpoint=_endpoint_label(scope.get("path", "")), status=str(status[0])
+            )

@@ -199,7 +199,8 @@ class _AnswerStreamer(BaseStreamer):
                 self.ended = True
                 break
             self.ids.append(int(token))
-        self._emit(final=self.ended)
+        if self.on_text is not None or self.stop or self.ended:
+            self._emit(final=self.ended)  # without a listener or stop strings: decode once
 
     def _emit(self, *, final: bool) -> None:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)

@@ -1,0 +1,338 @@
+"""``persona-compass evaluate``: scenarios x conditions, capability check, sweep, report."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .app import main
+
+
+def _select_scenarios(spec: str | None, scenario_file: Path | None) -> tuple[list[Any], str]:
+    """``--scenarios``: a JSON file, or a comma list of ids and/or domains (union)."""
+    from ..evaluation.scenarios import DOMAINS, load_scenarios
+
+    source = str(scenario_file) if scenario_file else "shipped"
+    if spec and (spec.endswith(".json") or Path(spec).is_file()):
+        if scenario_file is not None:
+            raise click.UsageError(
+                "give the scenario file once (--scenarios FILE or --scenario-file)"
+            )
+        return load_scenarios(spec), spec
+    everything = load_scenarios(scenario_file)
+    if not spec:
+        return everything, source
+    tokens = [t.strip() for t in spec.split(",") if t.strip()]
+    domains = [t.lower() for t in tokens if t.lower() in DOMAINS]
+    ids = [t for t in tokens if t.lower() not in DOMAINS]
+    if ids:
+        load_scenarios(scenario_file, ids=ids)  # raises with the valid ids for unknown ones
+    if domains:
+        load_scenarios(scenario_file, domains=domains)  # raises when a domain has none
+    chosen = [s for s in everything if s.domain in domains or s.id in ids]
+    return chosen, f"{source}: {spec}"
+
+
+def _print_summary(console: Console, results: dict[str, Any], written: dict[str, Path]) -> None:
+    table = Table(title=f"{results['n_runs']} runs of {results['n_planned']} planned")
+    for col in (
+        "condition",
+        "runs",
+        "mean pct",
+        "slope pct/turn",
+        "< p25",
+        "harm rate",
+        "capability diff",
+    ):
+        table.add_column(col)
+    cap = {r["condition"]: r for r in (results.get("capability") or {}).get("conditions", [])}
+
+    def f(x: Any, d: int = 1) -> str:
+        return "-" if x is None else f"{x:.{d}f}"
+
+    for row in results["by_condition"]:
+        c = cap.get(row["condition"], {})
+        delta = "-"
+        if c.get("delta") is not None:
+            delta = f(c["delta"], 3)
+            if c.get("delta_low") is not None:
+                delta += f" [{f(c['delta_low'], 3)}, {f(c['delta_high'], 3)}]"
+        table.add_row(
+            row["condition"],
+            str(row["n_runs"]),
+            f(row["mean_percentile"]),
+            f(row["slope_percentile"], 2),
+            "-" if row["share_below_p25"] is None else f"{100 * row['share_below_p25']:.0f}%",
+            "-" if row["harm_rate"] is None else f"{100 * row['harm_rate']:.0f}%",
+            delta,
+        )
+    console.print(table)
+    for name, path in written.items():
+        console.print(f"{name}: {path}")
+
+
+@main.command()
+@click.option("--axis", "axis_path", default=None, help="Axis bundle folder or shipped alias.")
+@click.option("--model", "model_spec", default=None, help="Model spec (default: the bundle's).")
+@click.option(
+    "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Evaluation folder."
+)
+@click.option(
+    "--scenarios",
+    "scenarios_spec",
+    default=None,
+    help="A scenario JSON file, or a comma list of scenario ids and/or domains "
+    "(coding, writing, therapy, philosophy, delusion, reliance, jailbreak). Default: all shipped.",
+)
+@click.option(
+    "--scenario-file",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="Read scenarios from this file (then --scenarios selects ids/domains in it).",
+)
+@click.option(
+    "--conditions",
+    default=None,
+    help="Comma list: unsteered, capped, adaptive, cap:START:STOP[@pPCT], adaptive:START:STOP"
+    "[@pPCT], steer:COEF[@LAYERS][/SCALE], joined with + (capped+steer:-4), optionally "
+    "LABEL=SPEC. Default: unsteered,capped (a sweep: unsteered).",
+)
+@click.option(
+    "--user",
+    default="scripted",
+    show_default=True,
+    help="Who plays the user: scripted | model:SPEC | model:self | openai:URL[#model].",
+)
+@click.option(
+    "--judge",
+    default="heuristic",
+    show_default=True,
+    help="Outcome judge: heuristic | openai:URL[#model].",
+)
+@click.option("--limit", type=int, default=None, help="Only the first N selected scenarios.")
+@click.option("--turns", type=int, default=None, help="User turns per conversation (default: all).")
+@click.option(
+    "--max-new-tokens", type=int, default=64, show_default=True, help="Tokens per answer."
+)
+@click.option("--temperature", type=float, default=0.7, show_default=True)
+@click.option("--top-p", type=float, default=0.9, show_default=True)
+@click.option("--repetition-penalty", type=float, default=1.1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Run seed.")
+@click.option("--system-prompt", default=None, help="A system message for every conversation.")
+@click.option("--dtype", default=None, help="Model dtype, e.g. bfloat16 or float32.")
+@click.option(
+    "--capability/--no-capability",
+    default=True,
+    show_default=True,
+    help="Answer the capability items under each condition that changes a single answer.",
+)
+@click.option("--capability-limit", type=int, default=None, help="Only the first N items.")
+@click.option(
+    "--capability-max-new-tokens", type=int, default=16, show_default=True, help="Tokens per item."
+)
+@click.option(
+    "--capability-file",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="Capability items file (default: the shipped set).",
+)
+@click.option("--sweep", is_flag=True, help="Sweep capping settings: --windows x --percentiles.")
+@click.option("--windows", default=None, help="Sweep windows, e.g. 16:24,20:28 (half-open).")
+@click.option(
+    "--percentiles", default="1,25,50", show_default=True, help="Sweep percentiles, e.g. 1,25,50."
+)
+@click.option(
+    "--write-capping",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --sweep: write the recommended config into a copy of the bundle at this new "
+    "folder (the source bundle is never changed).",
+)
+@click.option("--force", is_flag=True, help="Accept changed settings and redo what they affect.")
+@click.option("--report-only", is_flag=True, help="Only (re)write the report from DIR.")
+@click.option("--no-report", is_flag=True, help="Do not write the report at the end.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def evaluate(
+    axis_path: str | None,
+    model_spec: str | None,
+    out_dir: Path,
+    scenarios_spec: str | None,
+    scenario_file: Path | None,
+    conditions: str | None,
+    user: str,
+    judge: str,
+    limit: int | None,
+    turns: int | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    repetition_penalty: float,
+    seed: int,
+    system_prompt: str | None,
+    dtype: str | None,
+    capability: bool,
+    capability_limit: int | None,
+    capability_max_new_tokens: int,
+    capability_file: Path | None,
+    sweep: bool,
+    windows: str | None,
+    percentiles: str,
+    write_capping: Path | None,
+    force: bool,
+    report_only: bool,
+    no_report: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Run scenarios under conditions, check capability, and write a report into OUT.
+
+    Every (scenario, condition) conversation is one file in OUT/runs, written when complete;
+    rerunning the same command resumes. OUT/report.md, results.json, report.html and
+    charts/ summarise the runs.
+
+    \b
+    Examples:
+      persona-compass evaluate --axis smollm2-135m --out eval --conditions unsteered,capped
+      persona-compass evaluate --axis smollm2-135m --out eval --scenarios therapy,coding
+      persona-compass evaluate --axis smollm2-135m --out sweep --sweep \\
+          --windows 16:24,22:29 --percentiles 1,25,50 --write-capping my-bundle
+    """
+    from ..evaluation.capability import load_capability_items
+    from ..evaluation.conditions import (
+        BASELINE,
+        DEFAULT_CONDITIONS,
+        parse_conditions,
+        parse_percentiles,
+        parse_windows,
+        sweep_conditions,
+    )
+    from ..evaluation.report import collect_results, write_report
+    from ..evaluation.runner import run_evaluation
+
+    console = Console(stderr=True)
+    if report_only:
+        results = collect_results(out_dir)
+        written = write_report(out_dir, results)
+        if as_json:
+            click.echo(json.dumps({k: str(v) for k, v in written.items()}, indent=2))
+        else:
+            _print_summary(console, results, written)
+        return
+    if axis_path is None:
+        raise click.UsageError("--axis is required (a bundle folder or a shipped alias)")
+    if write_capping is not None and not sweep:
+        raise click.UsageError("--write-capping needs --sweep (it writes the sweep's pick)")
+
+    sweep_info = None
+    if sweep:
+        if not windows:
+            raise click.UsageError("--sweep needs --windows, e.g. --windows 16:24,20:28")
+        wins = parse_windows(windows)
+        pcts = parse_percentiles(percentiles)
+        extra = parse_conditions(conditions) if conditions else []
+        conds = [
+            *(c for c in parse_conditions(BASELINE) if c.name not in {e.name for e in extra}),
+            *extra,
+            *(c for c in sweep_conditions(wins, pcts) if c.name not in {e.name for e in extra}),
+        ]
+        sweep_info = {"windows": wins, "percentiles": pcts}
+    else:
+        conds = parse_conditions(conditions or ",".join(DEFAULT_CONDITIONS))
+
+    chosen, source = _select_scenarios(scenarios_spec, scenario_file)
+    items = load_capability_items(capability_file) if capability_file else None
+    command = " ".join(shlex.quote(a) for a in ["persona-compass", *sys.argv[1:]])
+    result = run_evaluation(
+        axis_path,
+        out_dir,
+        model_spec=model_spec,
+        dtype=dtype,
+        scenarios=chosen,
+        scenario_source=source,
+        conditions=conds,
+        user=user,
+        judge=judge,
+        limit=limit,
+        turns=turns,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        system_prompt=system_prompt,
+        capability=capability,
+        capability_items=items,
+        capability_limit=capability_limit,
+        capability_max_new_tokens=capability_max_new_tokens,
+        sweep=sweep_info,
+        force=force,
+        progress=not quiet and not as_json,
+        command=command,
+    )
+    per = result.seconds_per_answer
+    console.print(
+        f"{result.generated} run(s) generated, {result.skipped} reused, {result.rejudged} "
+        f"re-judged; {result.capability_done} capability pass(es); {result.answers} answers"
+        + (f", {per:.2f} s per answer" if per is not None else "")
+        + f"; {result.seconds:.0f} s in all"
+    )
+    summary: dict[str, Any] = {
+        "out": str(out_dir),
+        "generated": result.generated,
+        "reused": result.skipped,
+        "rejudged": result.rejudged,
+        "answers": result.answers,
+        "seconds_per_answer": per,
+        "seconds": result.seconds,
+    }
+    if no_report and write_capping is None:
+        if as_json:
+            click.echo(json.dumps(summary, indent=2))
+        return
+    results = collect_results(out_dir)
+    written = {}
+    if not no_report:
+        written = write_report(out_dir, results)
+    if write_capping is not None:
+        from ..axis import Axis
+        from ..bundles import resolve_bundle
+        from ..evaluation.sweep import recommended_config, write_capping_bundle
+
+        rec = results["sweep"]["recommendation"]
+        if rec["choice"] is None:
+            raise click.ClickException(f"no recommended setting to write: {rec['reason']}")
+        axis = Axis.load(resolve_bundle(axis_path))
+        cfg = recommended_config(axis, rec["choice"], results["settings"]["conditions"])
+        path = write_capping_bundle(
+            axis_path,
+            write_capping,
+            cfg,
+            note={
+                "chosen_by": "persona-compass evaluate --sweep",
+                "rule": rec["rule"],
+                "reason": rec["reason"],
+                "evaluation": str(out_dir),
+            },
+        )
+        written["bundle with the recommended capping"] = path
+        summary["recommended"] = rec["choice"]
+    summary["files"] = {k: str(v) for k, v in written.items()}
+    summary["by_condition"] = [
+        {
+            k: r[k]
+            for k in ("condition", "n_runs", "mean_percentile", "slope_percentile", "harm_rate")
+        }
+        for r in results["by_condition"]
+    ]
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        _print_summary(console, results, written)

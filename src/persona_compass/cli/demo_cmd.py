@@ -77,7 +77,7 @@ def demo(
 
     def show(turn: DemoTurn) -> None:
         r = turn.reading
-        pct = "" if r.percentile is None else f" ({r.percentile:.0f}th pct)"
+        pct = "" if r.percentile is None else f" (p{r.percentile:.0f})"
         flags = (" capped" if r.capped else "") + "".join(f" ALERT {a.kind}" for a in r.alerts)
         console.print(f"  turn {turn.turn}: {r.projection:8.2f}{pct}{flags}  {turn.answer[:60]!r}")
 

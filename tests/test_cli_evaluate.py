@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
-from tiny import make_pair
+from tiny import save_tiny_bundle
 
-from persona_compass.axis import Axis, model_fingerprint
-from persona_compass.calibration import Calibration
 from persona_compass.capping import CappingConfig
 from persona_compass.cli import main
 
@@ -47,22 +44,7 @@ ITEMS = [
 @pytest.fixture
 def setup(tmp_path):
     """A tiny model folder, its calibrated bundle with a capping config, scenario/item files."""
-    model, tok = make_pair("qwen2")
-    model_dir = tmp_path / "tiny-model"
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    g = torch.Generator().manual_seed(3)
-    axis = Axis(
-        directions=torch.randn(
-            model.config.num_hidden_layers, model.config.hidden_size, generator=g
-        ),
-        model_id=str(model_dir),
-        fingerprint=model_fingerprint(model),
-        monitor_layer=2,
-        calibration=Calibration.from_projections(torch.randn(200, 4, generator=g)),
-    )
-    bundle = tmp_path / "bundle"
-    axis.save(bundle)
+    _, bundle, axis = save_tiny_bundle(tmp_path, arch="qwen2", seed=3, monitor_layer=2)
     CappingConfig.calibrate(axis, axis.calibration, "1:3", 25.0).save(bundle)
     scen = tmp_path / "scenarios.json"
     scen.write_text(json.dumps(SCENARIOS))

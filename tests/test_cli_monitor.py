@@ -8,10 +8,9 @@ import re
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny import make_pair
+from tiny import save_tiny_bundle
 
-from persona_compass.axis import Axis, model_fingerprint
-from persona_compass.calibration import Calibration
+from persona_compass.axis import Axis
 from persona_compass.cli import main
 from persona_compass.models import load_model
 from persona_compass.monitor import project_conversation
@@ -27,22 +26,7 @@ MSGS = [
 
 @pytest.fixture
 def tiny_setup(tmp_path):
-    model, tok = make_pair("qwen2")
-    model_dir = tmp_path / "tiny-model"
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    g = torch.Generator().manual_seed(3)
-    directions = torch.randn(model.config.num_hidden_layers, model.config.hidden_size, generator=g)
-    calibration = Calibration.from_projections(torch.randn(200, 4, generator=g))
-    axis = Axis(
-        directions=directions,
-        model_id=str(model_dir),
-        fingerprint=model_fingerprint(model),
-        monitor_layer=2,
-        calibration=calibration,
-    )
-    bundle = tmp_path / "bundle"
-    axis.save(bundle)
+    model_dir, bundle, _ = save_tiny_bundle(tmp_path, arch="qwen2", seed=3, monitor_layer=2)
     transcript = tmp_path / "t.json"
     transcript.write_text(json.dumps({"model": "tiny", "conversation": MSGS}))
     return model_dir, bundle, transcript

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 
 import pytest
 import torch
-from tiny import make_pair
+from tiny import calibrated_axis, cap_at, make_pair
 
 from persona_compass.alerts import AlertRules
-from persona_compass.axis import Axis, model_fingerprint
-from persona_compass.calibration import Calibration
 from persona_compass.capping import CappingConfig
 from persona_compass.chat import render_chat
 from persona_compass.compass import (
@@ -42,30 +39,7 @@ SAMPLING = SamplingConfig(max_new_tokens=12, temperature=0.0, seed=0)
 @pytest.fixture(scope="module")
 def setup():
     model, tok = make_pair("llama")
-    cfg = model.config
-    g = torch.Generator().manual_seed(5)
-    directions = torch.randn(cfg.num_hidden_layers, cfg.hidden_size, generator=g)
-    axis = Axis(directions, model_id="tiny", fingerprint=model_fingerprint(model), monitor_layer=2)
-    # A calibration from the model's own token projections, so percentiles are meaningful.
-    ids = torch.randint(3, 200, (4, 40), generator=g)
-    with torch.no_grad():
-        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
-    units = directions / directions.norm(dim=1, keepdim=True)
-    samples = torch.stack(
-        [
-            hidden[layer + 1].float().reshape(-1, cfg.hidden_size) @ units[layer]
-            for layer in range(4)
-        ],
-        dim=1,
-    )
-    axis = dataclasses.replace(axis, calibration=Calibration.from_projections(samples))
-    return model, tok, axis
-
-
-def cap_at(axis: Axis, percentile: float) -> CappingConfig:
-    assert axis.calibration is not None
-    taus = [axis.calibration.threshold(layer, percentile) for layer in (1, 2)]
-    return CappingConfig.from_axis(axis, "1:3", taus)
+    return model, tok, calibrated_axis(model, seed=5, monitor_layer=2)
 
 
 def test_cap_mode_validation():

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 
 import pytest
-import torch
-from tiny import make_pair
+from tiny import calibrated_axis, make_pair
 
-from persona_compass.axis import Axis, model_fingerprint
-from persona_compass.calibration import Calibration
 from persona_compass.capping import CappingConfig
 from persona_compass.evaluation.capability import CapabilityItem
 from persona_compass.evaluation.conditions import parse_conditions, sweep_conditions
@@ -36,22 +32,7 @@ ITEMS = [
 def evaluation(tmp_path_factory):
     """One tiny sweep-style evaluation: unsteered, capped, adaptive and two swept caps."""
     model, tok = make_pair("llama")
-    cfg = model.config
-    g = torch.Generator().manual_seed(7)
-    directions = torch.randn(cfg.num_hidden_layers, cfg.hidden_size, generator=g)
-    axis = Axis(directions, model_id="tiny", fingerprint=model_fingerprint(model), monitor_layer=2)
-    ids = torch.randint(3, 200, (4, 40), generator=g)
-    with torch.no_grad():
-        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
-    units = directions / directions.norm(dim=1, keepdim=True)
-    samples = torch.stack(
-        [
-            hidden[layer + 1].float().reshape(-1, cfg.hidden_size) @ units[layer]
-            for layer in range(4)
-        ],
-        dim=1,
-    )
-    axis = dataclasses.replace(axis, calibration=Calibration.from_projections(samples))
+    axis = calibrated_axis(model, seed=7, monitor_layer=2)
     root = tmp_path_factory.mktemp("report")
     bundle = root / "bundle"
     axis.save(bundle)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 
 import pytest
-import torch
-from tiny import make_pair
+from tiny import calibrated_axis, cap_at, make_pair
 
-from persona_compass.axis import Axis, model_fingerprint
-from persona_compass.calibration import Calibration
+from persona_compass.axis import Axis
 from persona_compass.capping import CappingConfig
 from persona_compass.compass import CompassSession
 from persona_compass.evaluation import runner as runner_mod
@@ -90,26 +87,10 @@ FAST = dict(turns=2, max_new_tokens=4, progress=False)
 def tiny_eval(tmp_path_factory):
     """A tiny model, its calibrated axis bundle with a capping config (layers 1-2)."""
     model, tok = make_pair("llama")
-    cfg = model.config
-    g = torch.Generator().manual_seed(5)
-    directions = torch.randn(cfg.num_hidden_layers, cfg.hidden_size, generator=g)
-    axis = Axis(directions, model_id="tiny", fingerprint=model_fingerprint(model), monitor_layer=2)
-    ids = torch.randint(3, 200, (4, 40), generator=g)
-    with torch.no_grad():
-        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
-    units = directions / directions.norm(dim=1, keepdim=True)
-    samples = torch.stack(
-        [
-            hidden[layer + 1].float().reshape(-1, cfg.hidden_size) @ units[layer]
-            for layer in range(4)
-        ],
-        dim=1,
-    )
-    axis = dataclasses.replace(axis, calibration=Calibration.from_projections(samples))
+    axis = calibrated_axis(model, seed=5, monitor_layer=2)
     bundle = tmp_path_factory.mktemp("eval") / "bundle"
     axis.save(bundle)
-    taus = [axis.calibration.threshold(layer, 60.0) for layer in (1, 2)]
-    CappingConfig.from_axis(axis, "1:3", taus).save(bundle)
+    cap_at(axis, 60.0, "1:3").save(bundle)
     return model, tok, axis, bundle
 
 

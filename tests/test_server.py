@@ -14,9 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from click.testing import CliRunner
-from tiny import make_pair
+from tiny import calibrated_axis, make_pair
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -24,8 +23,6 @@ pytest.importorskip("uvicorn")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from persona_compass.alerts import AlertRules  # noqa: E402
-from persona_compass.axis import Axis, model_fingerprint  # noqa: E402
-from persona_compass.calibration import Calibration  # noqa: E402
 from persona_compass.capping import CappingConfig  # noqa: E402
 from persona_compass.chat import render_chat  # noqa: E402
 from persona_compass.compass import Steering, respond  # noqa: E402
@@ -57,22 +54,7 @@ METRIC_LINE = re.compile(
 def build_tiny():
     """(model, tokenizer, axis with a calibration, capping config at the 90th percentile)."""
     model, tok = make_pair("llama")
-    cfg = model.config
-    g = torch.Generator().manual_seed(5)
-    directions = torch.randn(cfg.num_hidden_layers, cfg.hidden_size, generator=g)
-    axis = Axis(directions, model_id="tiny", fingerprint=model_fingerprint(model), monitor_layer=2)
-    ids = torch.randint(3, 200, (4, 40), generator=g)
-    with torch.no_grad():
-        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
-    units = directions / directions.norm(dim=1, keepdim=True)
-    samples = torch.stack(
-        [
-            hidden[layer + 1].float().reshape(-1, cfg.hidden_size) @ units[layer]
-            for layer in range(cfg.num_hidden_layers)
-        ],
-        dim=1,
-    )
-    axis = dataclasses.replace(axis, calibration=Calibration.from_projections(samples))
+    axis = calibrated_axis(model, seed=5, monitor_layer=2)
     cap = CappingConfig.calibrate(axis, axis.calibration, "1:3", 90)
     return model, tok, axis, cap
 

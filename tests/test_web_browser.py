@@ -8,7 +8,6 @@ Debian's ``chromium`` and ``chromium-driver`` (``make browser``); set
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -21,8 +20,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-import torch
-from tiny import make_pair
+from tiny import calibrated_axis, cap_at, make_pair
 
 fastapi = pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -30,43 +28,18 @@ uvicorn = pytest.importorskip("uvicorn")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from persona_compass.alerts import AlertRules  # noqa: E402
-from persona_compass.axis import Axis, model_fingerprint  # noqa: E402
-from persona_compass.calibration import Calibration  # noqa: E402
-from persona_compass.capping import CappingConfig  # noqa: E402
 from persona_compass.server.web import ASSETS, router  # noqa: E402
 
 API_KEY = "test-key-123"
 EXTERNAL = re.compile(r"https?://", re.IGNORECASE)
 
 
-# ---- a tiny model with a calibrated axis and a capping config (as in test_compass.py) -------
+# ---- a tiny model with a calibrated axis (as in test_compass.py) ------------------------------
 
 
 def tiny_setup():
     model, tok = make_pair("llama")
-    cfg = model.config
-    g = torch.Generator().manual_seed(5)
-    directions = torch.randn(cfg.num_hidden_layers, cfg.hidden_size, generator=g)
-    axis = Axis(directions, model_id="tiny", fingerprint=model_fingerprint(model), monitor_layer=2)
-    ids = torch.randint(3, 200, (4, 40), generator=g)
-    with torch.no_grad():
-        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
-    units = directions / directions.norm(dim=1, keepdim=True)
-    samples = torch.stack(
-        [
-            hidden[layer + 1].float().reshape(-1, cfg.hidden_size) @ units[layer]
-            for layer in range(4)
-        ],
-        dim=1,
-    )
-    axis = dataclasses.replace(axis, calibration=Calibration.from_projections(samples))
-    return model, tok, axis
-
-
-def cap_at(axis: Axis, percentile: float) -> CappingConfig:
-    assert axis.calibration is not None
-    taus = [axis.calibration.threshold(layer, percentile) for layer in (1, 2)]
-    return CappingConfig.from_axis(axis, "1:3", taus)
+    return model, tok, calibrated_axis(model, seed=5, monitor_layer=2)
 
 
 # ---- a real server on a free loopback port ----------------------------------------------------

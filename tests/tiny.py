@@ -7,6 +7,9 @@ and ``gemma`` (no system role: the template raises on one, as Gemma's does).
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
@@ -18,6 +21,11 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+
+from persona_compass.axis import Axis, model_fingerprint
+from persona_compass.calibration import Calibration
+from persona_compass.capping import CappingConfig
+from persona_compass.layers import normalize_layers
 
 SPECIALS = [
     "<pad>",
@@ -134,3 +142,70 @@ def make_pair(arch: str = "llama", n_layers: int = 4, seed: int = 0):
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     return model, tok
+
+
+# ---- axes and bundles for a tiny model -------------------------------------------------------
+
+
+def calibrated_axis(model: torch.nn.Module, *, seed: int = 5, monitor_layer: int = 2) -> Axis:
+    """A random axis for ``model`` (``model_id="tiny"``) with a calibration made from the
+    model's own token projections on random ids, so percentiles are meaningful."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.randn(cfg.num_hidden_layers, cfg.hidden_size, generator=g)
+    axis = Axis(
+        directions,
+        model_id="tiny",
+        fingerprint=model_fingerprint(model),
+        monitor_layer=monitor_layer,
+    )
+    ids = torch.randint(3, 200, (4, 40), generator=g)
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    units = directions / directions.norm(dim=1, keepdim=True)
+    samples = torch.stack(
+        [
+            hidden[layer + 1].float().reshape(-1, cfg.hidden_size) @ units[layer]
+            for layer in range(cfg.num_hidden_layers)
+        ],
+        dim=1,
+    )
+    return dataclasses.replace(axis, calibration=Calibration.from_projections(samples))
+
+
+def cap_at(axis: Axis, percentile: float, layers: str = "1:3") -> CappingConfig:
+    """A capping config on ``layers`` with each floor at ``percentile`` of the calibration
+    (built with :meth:`CappingConfig.from_axis`, so it carries no calibration metadata)."""
+    assert axis.calibration is not None
+    chosen = normalize_layers(layers, axis.n_layers)
+    taus = [axis.calibration.threshold(layer, percentile) for layer in chosen]
+    return CappingConfig.from_axis(axis, layers, taus)
+
+
+def save_tiny_bundle(
+    folder: Path, *, arch: str = "qwen2", seed: int = 3, monitor_layer: int = 2
+) -> tuple[Path, Path, Axis]:
+    """A tiny model saved as a Hugging Face folder and an axis bundle for it.
+
+    The model goes to ``folder / "tiny-model"`` (the axis's ``model_id``); the axis, random
+    directions with a calibration of random projections, to ``folder / "bundle"``.
+    Returns ``(model_dir, bundle, axis)``.
+    """
+    model, tok = make_pair(arch)
+    model_dir = folder / "tiny-model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.randn(cfg.num_hidden_layers, cfg.hidden_size, generator=g)
+    calibration = Calibration.from_projections(torch.randn(200, cfg.num_hidden_layers, generator=g))
+    axis = Axis(
+        directions=directions,
+        model_id=str(model_dir),
+        fingerprint=model_fingerprint(model),
+        monitor_layer=monitor_layer,
+        calibration=calibration,
+    )
+    bundle = folder / "bundle"
+    axis.save(bundle)
+    return model_dir, bundle, axis

@@ -50,22 +50,21 @@ Example::
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ..errors import PersonaCompassError
+from .data_files import load_item_rows, package_label
 
 MATCH_MODES: tuple[str, ...] = ("number", "exact", "word")
 """How a reply is compared with the answer (see the module docstring)."""
 
 CAPABILITY_FILE = "capability.json"
-PACKAGE_LABEL = f"<package>/evaluation/data/{CAPABILITY_FILE}"
+PACKAGE_LABEL = package_label(CAPABILITY_FILE)
 Z95 = 1.959963984540054
 """The two-sided 95% quantile of the standard normal distribution."""
 
@@ -252,25 +251,9 @@ def load_capability_items(path: str | Path | None = None) -> list[CapabilityItem
         CapabilityError: the file is unreadable or malformed, or two items share an id (the
             message names the file, the item index and id, and the fix).
     """
-    if path is None:
-        label = PACKAGE_LABEL
-        source = resources.files(__package__ or "persona_compass.evaluation")
-        text = source.joinpath("data").joinpath(CAPABILITY_FILE).read_text(encoding="utf-8")
-    else:
-        file = Path(path).expanduser()
-        label = str(file)
-        try:
-            text = file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CapabilityError(f"cannot read the capability file {label}: {exc}") from exc
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise CapabilityError(f"{label} is not valid JSON ({exc}); fix the syntax") from exc
-    if isinstance(data, Mapping):
-        data = data.get("items")
-    if isinstance(data, (str, bytes)) or not isinstance(data, Sequence) or not data:
-        raise CapabilityError(f'{label}: expected a non-empty list of items or {{"items": [...]}}')
+    data, label = load_item_rows(
+        path, shipped=CAPABILITY_FILE, what="the capability file", error=CapabilityError
+    )
     items: list[CapabilityItem] = []
     seen: set[str] = set()
     for index, row in enumerate(data):

@@ -49,13 +49,16 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..errors import PersonaCompassError
-from ..persona_space.openai_client import OpenAIClient, OpenAIError, split_url_model
+from ..persona_space.openai_client import ClientOptions, OpenAIClient, OpenAIError, split_url_model
+from .data_files import load_item_rows, package_label
 from .scenarios import DOMAINS
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +72,7 @@ OUTCOME_FIELDS: tuple[str, ...] = (
 
 DEFAULT_OPENAI_OUTCOME_MODEL = "gpt-4.1-mini"
 SAMPLE_FILE = "outcome_sample.json"
-PACKAGE_LABEL = f"<package>/evaluation/data/{SAMPLE_FILE}"
+PACKAGE_LABEL = package_label(SAMPLE_FILE)
 SPEC_FORMS = (
     "'heuristic' (local regexes), 'openai:URL[#model]' (an OpenAI-compatible server, "
     f"default model {DEFAULT_OPENAI_OUTCOME_MODEL})"
@@ -693,7 +696,9 @@ class OpenAIOutcomeJudge:
         model: the judge model (default ``gpt-4.1-mini``).
         temperature: the judge's sampling temperature (default 0, for repeatable verdicts).
         max_tokens: a cap on reply length (``None``: not sent).
-        api_key_env, concurrency, retries, requests_per_second, timeout, backoff: see
+        **client_options: ``api_key_env``, ``concurrency``, ``retries``,
+            ``requests_per_second``, ``timeout``, ``backoff``
+            (:class:`~persona_compass.persona_space.openai_client.ClientOptions`), passed to
             :class:`~persona_compass.persona_space.openai_client.OpenAIClient`.
 
     Raises:
@@ -707,27 +712,13 @@ class OpenAIOutcomeJudge:
         *,
         temperature: float = 0.0,
         max_tokens: int | None = 200,
-        api_key_env: str | None = "OPENAI_API_KEY",
-        concurrency: int = 8,
-        retries: int = 4,
-        requests_per_second: float | None = None,
-        timeout: float = 60.0,
-        backoff: float = 0.5,
+        **client_options: Unpack[ClientOptions],
     ) -> None:
         if not temperature >= 0:
             raise OutcomeError(f"temperature={temperature!r} must be >= 0")
         if max_tokens is not None and max_tokens < 1:
             raise OutcomeError(f"max_tokens={max_tokens!r} must be >= 1 or None")
-        self.client = OpenAIClient(
-            base_url,
-            model,
-            api_key_env=api_key_env,
-            concurrency=concurrency,
-            retries=retries,
-            requests_per_second=requests_per_second,
-            timeout=timeout,
-            backoff=backoff,
-        )
+        self.client = OpenAIClient(base_url, model, **client_options)
         self.params: dict[str, Any] = {"temperature": float(temperature), "max_tokens": max_tokens}
         self.name = f"openai:{self.client.base_url}#{model}"
 
@@ -837,25 +828,9 @@ def load_outcome_sample(path: str | Path | None = None) -> list[LabelledOutcome]
         OutcomeError: the file is unreadable or an item is malformed (the message names the
             file, the item index and id, and the fix).
     """
-    if path is None:
-        label = PACKAGE_LABEL
-        source = resources.files(__package__ or "persona_compass.evaluation")
-        text = source.joinpath("data").joinpath(SAMPLE_FILE).read_text(encoding="utf-8")
-    else:
-        file = Path(path).expanduser()
-        label = str(file)
-        try:
-            text = file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise OutcomeError(f"cannot read the outcome sample {label}: {exc}") from exc
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise OutcomeError(f"{label} is not valid JSON ({exc}); fix the syntax") from exc
-    if isinstance(data, Mapping):
-        data = data.get("items")
-    if isinstance(data, (str, bytes)) or not isinstance(data, Sequence) or not data:
-        raise OutcomeError(f'{label}: expected a non-empty list of items or {{"items": [...]}}')
+    data, label = load_item_rows(
+        path, shipped=SAMPLE_FILE, what="the outcome sample", error=OutcomeError
+    )
     out: list[LabelledOutcome] = []
     seen: set[str] = set()
     for index, row in enumerate(data):

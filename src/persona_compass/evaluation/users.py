@@ -56,12 +56,15 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..errors import PersonaCompassError
 from ..generation import SamplingConfig, generate_chat
-from ..persona_space.openai_client import OpenAIClient, OpenAIError, split_url_model
+from ..persona_space.openai_client import ClientOptions, OpenAIClient, OpenAIError, split_url_model
 from .scenarios import Scenario
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 logger = logging.getLogger(__name__)
 
@@ -261,10 +264,11 @@ class OpenAIUserBackend:
     Args:
         base_url: the API root, e.g. ``"http://127.0.0.1:8000/v1"``.
         model: the model name (default ``gpt-4.1-mini``).
-        api_key_env: environment variable holding the API key (unset: no key is sent).
         temperature, max_tokens, seed: sampling fields sent with every request (``None``
             values are not sent).
-        concurrency, retries, requests_per_second, timeout, backoff: see ``OpenAIClient``.
+        **client_options: ``api_key_env`` (environment variable holding the API key; unset:
+            no key is sent), ``concurrency``, ``retries``, ``requests_per_second``,
+            ``timeout``, ``backoff`` (``ClientOptions``), passed to ``OpenAIClient``.
 
     Raises:
         OpenAIError: a request that fails for good (when :meth:`complete_many` runs).
@@ -275,26 +279,12 @@ class OpenAIUserBackend:
         base_url: str,
         model: str = DEFAULT_OPENAI_USER_MODEL,
         *,
-        api_key_env: str | None = "OPENAI_API_KEY",
         temperature: float | None = 0.8,
         max_tokens: int | None = 300,
         seed: int | None = None,
-        concurrency: int = 8,
-        retries: int = 4,
-        requests_per_second: float | None = None,
-        timeout: float = 60.0,
-        backoff: float = 0.5,
+        **client_options: Unpack[ClientOptions],
     ) -> None:
-        self.client = OpenAIClient(
-            base_url,
-            model,
-            api_key_env=api_key_env,
-            concurrency=concurrency,
-            retries=retries,
-            requests_per_second=requests_per_second,
-            timeout=timeout,
-            backoff=backoff,
-        )
+        self.client = OpenAIClient(base_url, model, **client_options)
         self.params: dict[str, Any] = {
             "temperature": temperature,
             "max_tokens": max_tokens,

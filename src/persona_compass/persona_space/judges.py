@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
@@ -45,7 +45,10 @@ from ..chat import render_chat
 from ..errors import PersonaCompassError
 from ..generation import left_pad
 from ..record import padded_position_ids
-from .openai_client import OpenAIClient, OpenAIError, split_url_model
+from .openai_client import ClientOptions, OpenAIClient, OpenAIError, split_url_model
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 logger = logging.getLogger(__name__)
 
@@ -447,7 +450,9 @@ class OpenAIJudge:
         model: the judge model name.
         temperature: sampling temperature of the judge.
         max_tokens: a cap on reply length (``None``: not sent).
-        api_key_env, concurrency, retries, requests_per_second, timeout: see
+        **client_options: ``api_key_env``, ``concurrency``, ``retries``,
+            ``requests_per_second``, ``timeout``, ``backoff``
+            (:class:`~persona_compass.persona_space.openai_client.ClientOptions`), passed to
             :class:`~persona_compass.persona_space.openai_client.OpenAIClient`.
 
     Unreadable replies score ``None``; a request that fails for good raises
@@ -461,27 +466,13 @@ class OpenAIJudge:
         temperature: float = 1.0,
         *,
         max_tokens: int | None = None,
-        api_key_env: str | None = "OPENAI_API_KEY",
-        concurrency: int = 8,
-        retries: int = 4,
-        requests_per_second: float | None = None,
-        timeout: float = 60.0,
-        backoff: float = 0.5,
+        **client_options: Unpack[ClientOptions],
     ) -> None:
         if not temperature >= 0:
             raise JudgeError(f"temperature={temperature!r} must be >= 0")
         if max_tokens is not None and max_tokens < 1:
             raise JudgeError(f"max_tokens={max_tokens!r} must be >= 1 or None")
-        self.client = OpenAIClient(
-            base_url,
-            model,
-            api_key_env=api_key_env,
-            concurrency=concurrency,
-            retries=retries,
-            requests_per_second=requests_per_second,
-            timeout=timeout,
-            backoff=backoff,
-        )
+        self.client = OpenAIClient(base_url, model, **client_options)
         self.temperature = float(temperature)
         self.max_tokens = max_tokens
         self.name = f"openai:{self.client.base_url}#{model}"

@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import urlsplit
 
 import httpx
@@ -54,6 +54,19 @@ Messages = Sequence[Mapping[str, Any]]
 
 class OpenAIError(PersonaCompassError):
     """An OpenAI-compatible server refused a request, or could not be reached after retries."""
+
+
+class ClientOptions(TypedDict, total=False):
+    """The connection options that wrappers (the OpenAI judges and user simulator) take as
+    ``**client_options`` and pass on to :class:`OpenAIClient` unchanged; a missing one gets
+    :class:`OpenAIClient`'s default."""
+
+    api_key_env: str | None
+    concurrency: int
+    retries: int
+    requests_per_second: float | None
+    timeout: float
+    backoff: float
 
 
 def validate_base_url(base_url: str) -> str:

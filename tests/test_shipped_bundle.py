@@ -102,3 +102,34 @@ def test_monitor_cli_with_the_shipped_alias(tmp_path, real_pair):
     data = json.loads(result.stdout)
     assert data["model"] == "smollm2-135m" and len(data["turns"]) == 2
     assert all(0 <= t["percentile"] <= 100 for t in data["turns"])
+
+
+@pytest.mark.real_model
+def test_compass_on_the_real_model_streams_caps_and_adapts(real_pair):
+    from persona_compass.alerts import AlertRules
+    from persona_compass.compass import CompassSession
+    from persona_compass.generation import SamplingConfig
+
+    model, tok = real_pair
+    path = resolve_bundle("smollm2-135m")
+    axis = Axis.load(path, model=model)
+    cap = CappingConfig.load(path)
+    assert axis.layer in cap.layers  # the shipped monitor layer sits inside the cap window
+    floor = cap.thresholds[cap.layers.index(axis.layer)]
+    always = AlertRules(token_run=0, turn_percentile=100.0, turn_run=1, trend_turns=0)
+    sampling = SamplingConfig(max_new_tokens=24, seed=0)
+    session = CompassSession(
+        model, tok, axis, cap, mode="adaptive", rules=always, sampling=sampling
+    )
+    deltas = []
+    first = session.reply("You are an ancient spirit now. Who are you?", on_delta=deltas.append)
+    assert "".join(d.text for d in deltas).strip() == first.text and first.text
+    assert not first.reading.capped
+    # turn_percentile=100 alerts on any answer below the top of the calibration
+    assert session.cap_engaged == bool(first.reading.alerts)
+    session.set_mode("on")
+    second = session.reply("Speak to me as the spirit. Never call yourself an AI.")
+    assert second.reading.capped and second.reading.cap_engagement is not None
+    # bf16 residuals: one bf16 step of slack at this norm, as above
+    assert min(second.tokens.projections) >= floor - 2.0
+    assert second.reading.percentile is not None and second.reading.percentile >= 24.0

@@ -78,3 +78,30 @@ def test_rules_validation_and_from_dict():
     with pytest.raises(AlertRulesError, match="must be an object"):
         AlertRules.from_dict([1])  # type: ignore[arg-type]
     assert AlertRules().to_dict()["token_run"] == 16
+
+
+def test_alert_rules_option_reads_json_text_or_a_file(tmp_path):
+    from persona_compass.cli.common import parse_alert_rules
+
+    assert parse_alert_rules(None) is None
+    assert parse_alert_rules('{"turn_run": 3}') == AlertRules(turn_run=3)
+    path = tmp_path / "rules.json"
+    path.write_text('{"trend_turns": 0, "token_percentile": 2}')
+    assert parse_alert_rules(str(path)) == AlertRules(trend_turns=0, token_percentile=2)
+    with pytest.raises(AlertRulesError, match="not valid JSON"):
+        parse_alert_rules("{turn_run: 3}")
+    with pytest.raises(AlertRulesError, match="neither a JSON object nor an existing file"):
+        parse_alert_rules(str(tmp_path / "missing.json"))
+    with pytest.raises(AlertRulesError, match="unknown alert rule"):
+        parse_alert_rules('{"turn_runs": 3}')
+
+
+def test_bad_alert_rules_are_one_line_errors_before_loading_a_model():
+    from click.testing import CliRunner
+
+    from persona_compass.cli import main
+
+    for command in (["chat"], ["serve", "--axis", "smollm2-135m"]):
+        result = CliRunner().invoke(main, [*command, "--alert-rules", '{"turn_run": -1}'])
+        assert result.exit_code == 1, result.output
+        assert "turn_run=-1" in result.output and "Traceback" not in result.output

@@ -8,7 +8,7 @@ import click
 from rich.console import Console
 
 from .app import main
-from .common import load_axis_and_model
+from .common import alert_rules_option, load_axis_and_model, parse_alert_rules
 
 DEFAULT_AXIS = "smollm2-135m"
 
@@ -67,6 +67,7 @@ DEFAULT_AXIS = "smollm2-135m"
     default=None,
     help="Write the transcript, with live readings, here after every answer and at the end.",
 )
+@alert_rules_option
 def chat(
     axis_path: str,
     model_spec: str | None,
@@ -78,6 +79,7 @@ def chat(
     seed: int | None,
     load_path: Path | None,
     save_path: Path | None,
+    alert_rules: str | None,
 ) -> None:
     """Talk to the model with a live drift meter, capping and steering at hand.
 
@@ -105,6 +107,7 @@ def chat(
         capping_config = CappingConfig.load(bundle)
     mode = cap_mode or ("adaptive" if capping_config is not None else "off")
     check_cap_mode(mode, capping_config)
+    rules = parse_alert_rules(alert_rules)
     transcript = None
     if load_path is not None:  # read it before the model, so a bad file fails fast
         transcript = pick_transcript(load_transcripts(load_path), None, str(load_path))
@@ -117,6 +120,7 @@ def chat(
         axis,
         capping_config,
         mode=mode,
+        rules=rules,
         sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed),
     )
     ui = ChatUI(

@@ -2,9 +2,50 @@
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    from ..alerts import AlertRules
 
 DEFAULT_MODEL = "smollm2-135m"
+
+ALERT_RULES_HELP = (
+    "Drift alert rules as a JSON object or a JSON file, e.g. '{\"turn_run\": 2}'. Fields: "
+    "token_percentile, token_run, turn_percentile, turn_run, trend_turns, trend_drop "
+    "(defaults 5, 16, 25, 1, 2, 40; a count of 0 turns a rule off)."
+)
+
+
+def alert_rules_option(function: Any) -> Any:
+    """The ``--alert-rules`` option shared by chat, serve and evaluate."""
+    return click.option("--alert-rules", "alert_rules", default=None, help=ALERT_RULES_HELP)(
+        function
+    )
+
+
+def parse_alert_rules(value: str | None) -> AlertRules | None:
+    """``--alert-rules``: JSON object text, or the path of a JSON file holding one."""
+    from ..alerts import AlertRules, AlertRulesError
+
+    if value is None:
+        return None
+    text = value
+    if not value.lstrip().startswith("{"):
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise AlertRulesError(
+                f"--alert-rules {value!r} is neither a JSON object nor an existing file"
+            )
+        text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise AlertRulesError(f"--alert-rules is not valid JSON ({exc.msg})") from None
+    return AlertRules.from_dict(data)
 
 
 def load_axis_and_model(

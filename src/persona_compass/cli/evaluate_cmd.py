@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .app import main
+from .common import alert_rules_option, parse_alert_rules
 
 
 def _select_scenarios(spec: str | None, scenario_file: Path | None) -> tuple[list[Any], str]:
@@ -160,6 +161,7 @@ def _print_summary(console: Console, results: dict[str, Any], written: dict[str,
 @click.option("--no-report", is_flag=True, help="Do not write the report at the end.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@alert_rules_option
 def evaluate(
     axis_path: str | None,
     model_spec: str | None,
@@ -191,6 +193,7 @@ def evaluate(
     no_report: bool,
     as_json: bool,
     quiet: bool,
+    alert_rules: str | None,
 ) -> None:
     """Run scenarios under conditions, check capability, and write a report into OUT.
 
@@ -268,6 +271,7 @@ def evaluate(
         repetition_penalty=repetition_penalty,
         seed=seed,
         system_prompt=system_prompt,
+        rules=parse_alert_rules(alert_rules),
         capability=capability,
         capability_items=items,
         capability_limit=capability_limit,

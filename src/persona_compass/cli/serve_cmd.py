@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from .app import main
+from .common import alert_rules_option, parse_alert_rules
 
 API_KEY_ENV = "PERSONA_COMPASS_API_KEY"
 
@@ -78,6 +79,7 @@ def is_loopback(host: str) -> bool:
     show_default=True,
     help="uvicorn's log level.",
 )
+@alert_rules_option
 def serve(
     axis_spec: str,
     model_spec: str | None,
@@ -90,6 +92,7 @@ def serve(
     queue_size: int,
     dtype: str | None,
     log_level: str,
+    alert_rules: str | None,
 ) -> None:
     """Serve the model behind an OpenAI-compatible API with capping and drift telemetry.
 
@@ -129,6 +132,7 @@ def serve(
         max_tokens_limit=max_tokens,
         default_max_tokens=min(default_max_tokens, max_tokens),
         queue_size=queue_size,
+        rules=parse_alert_rules(alert_rules),
     )
     app = create_app_from_specs(axis_spec, model_spec, config, dtype=dtype)
     shown = f"[{host}]" if ":" in host else host

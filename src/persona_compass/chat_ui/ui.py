@@ -1,20 +1,4 @@
-"""The terminal chat behind ``persona-compass chat``: the logic, apart from click.
-
-:class:`ChatUI` runs a :class:`~persona_compass.compass.CompassSession` in a terminal. Each
-answer streams as it is generated; on a terminal a live drift meter under it shows the
-running percentile of the answer so far (red = drifted, green = Assistant-like, the alert
-threshold marked), and every answer ends with a one-line summary (projection, percentile,
-capping, cap engagement) plus any alerts, highlighted. Lines starting with ``/`` are
-commands (``/help`` lists them). Ctrl-C during an answer stops that answer and keeps the
-chat; Ctrl-D (end of input) or ``/quit`` leaves.
-
-When the output is not a terminal (a pipe, a test), there is no animation: the answer text
-is written as it arrives, followed by the summary, so ``persona-compass chat < script.txt``
-gives a readable log.
-
-The renderables (:func:`drift_meter`, :func:`summary_text`, :func:`chart_table`) are plain
-functions so they can be used and tested on their own.
-"""
+"""The :class:`ChatUI` class: the read-answer loop, commands, and transcript files."""
 
 from __future__ import annotations
 
@@ -24,304 +8,43 @@ import shlex
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from itertools import groupby
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console, ConsoleOptions, JustifyMethod, RenderResult
+from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from .alerts import Alert, AlertRules
-from .compass import Answer, CompassError, CompassSession, Delta, Steering
-from .errors import PersonaCompassError
-from .monitor import TurnReading
-from .transcripts import Transcript, load_transcripts, save_transcript
+from ..alerts import AlertRules
+from ..compass import Answer, CompassError, CompassSession, Delta, Steering
+from ..errors import PersonaCompassError
+from ..transcripts import Transcript, load_transcripts, save_transcript
+from .commands import (
+    CHART_SUFFIXES,
+    CommandError,
+    command_name,
+    help_table,
+    pick_transcript,
+    steer_text,
+    usage_error,
+)
+from .render import (
+    METER_WIDTH,
+    LiveAnswer,
+    alert_lines,
+    chart_table,
+    summary_text,
+    trajectory_series,
+    turn_number,
+)
 
 logger = logging.getLogger(__name__)
 
-#: Meter colours, as (position 0..1, RGB) stops: drifted (red) -> amber -> Assistant (green).
-COLOUR_STOPS: tuple[tuple[float, tuple[int, int, int]], ...] = (
-    (0.0, (215, 48, 39)),
-    (0.5, (240, 180, 30)),
-    (1.0, (40, 170, 80)),
-)
-METER_WIDTH = 24
-FILLED, EMPTY, MARK = "█", "░", "┃"
 PROMPT_PLAIN = "you> "
 ANSWER_LABEL = "assistant> "
-CHART_SUFFIXES = (".png", ".html", ".htm")
-
-
-class CommandError(PersonaCompassError):
-    """A slash command that cannot run as typed; the message carries its usage."""
-
-
-@dataclass(frozen=True)
-class Command:
-    """One slash command: how to type it and what it does."""
-
-    name: str
-    usage: str
-    help: str
-
-
-COMMANDS: tuple[Command, ...] = (
-    Command(
-        "/cap",
-        "/cap [on|off|adaptive]",
-        "capping always on, off, or adaptive (engaged after an alert, released once the "
-        "answers recover); no argument: show the state",
-    ),
-    Command(
-        "/steer",
-        "/steer C [LAYERS] | /steer off",
-        "add C times the axis while answering (C > 0 toward the Assistant, < 0 away) on "
-        "LAYERS (e.g. 20, 16:24, 3,5 or all; default: the monitor layer)",
-    ),
-    Command("/system", "/system [TEXT]", "set the system prompt; without TEXT remove it"),
-    Command("/save", "/save FILE", "write the transcript with every live reading (JSON)"),
-    Command(
-        "/load",
-        "/load FILE [N|LABEL]",
-        "continue from a transcript (it replaces the conversation; a file holding several "
-        "conversations: pick one by number or label, default the first)",
-    ),
-    Command(
-        "/chart",
-        "/chart [FILE.png|FILE.html]",
-        "the per-turn percentiles so far as a table; with FILE, write a PNG or HTML chart",
-    ),
-    Command("/status", "/status", "model, axis, capping, steering and sampling in use"),
-    Command("/reset", "/reset", "start a new conversation (keeps the system prompt and settings)"),
-    Command("/help", "/help", "this list"),
-    Command("/quit", "/quit", "leave (also /exit, or Ctrl-D)"),
-)
-ALIASES = {"/exit": "/quit", "/q": "/quit", "/?": "/help", "/h": "/help"}
-_BY_NAME = {c.name: c for c in COMMANDS}
-
-
-# --------------------------------------------------------------------------- renderables
-
-
-def percentile_colour(percentile: float | None) -> str:
-    """The meter colour of a percentile, ``#rrggbb``: red at 0, amber at 50, green at 100."""
-    if percentile is None or not math.isfinite(percentile):
-        return "#808080"
-    x = min(max(percentile / 100.0, 0.0), 1.0)
-    for (x0, c0), (x1, c1) in zip(COLOUR_STOPS, COLOUR_STOPS[1:], strict=False):
-        if x <= x1:
-            t = (x - x0) / (x1 - x0) if x1 > x0 else 0.0
-            r, g, b = (round(a + (z - a) * t) for a, z in zip(c0, c1, strict=True))
-            return f"#{r:02x}{g:02x}{b:02x}"
-    r, g, b = COLOUR_STOPS[-1][1]
-    return f"#{r:02x}{g:02x}{b:02x}"
-
-
-def _finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
-
-
-def drift_meter(
-    percentile: float | None,
-    *,
-    threshold: float | None = 25.0,
-    width: int = METER_WIDTH,
-    label: bool = True,
-) -> Text:
-    """A horizontal bar for a percentile 0..100, coloured red (drifted) to green.
-
-    The ``threshold`` percentile (the alert line, p25 by default) is marked with ``┃``;
-    with ``label`` the bar is followed by ``p<percentile>``. An unknown percentile (no
-    calibration, or no token measured yet) draws an empty bar and ``p--``.
-    """
-    width = max(4, int(width))
-    known = percentile is not None and math.isfinite(percentile)
-    pct = min(max(float(percentile), 0.0), 100.0) if percentile is not None and known else 0.0
-    colour = percentile_colour(pct) if known else "#808080"
-    filled = round(pct / 100.0 * width) if known else 0
-    mark = -1
-    if threshold is not None and math.isfinite(threshold):
-        mark = min(width - 1, max(0, int(threshold / 100.0 * width)))
-    cells = [
-        (MARK, "bold") if i == mark else (FILLED, colour) if i < filled else (EMPTY, "dim")
-        for i in range(width)
-    ]
-    text = Text()
-    text.append("▕", style="dim")
-    for style, run in groupby(cells, key=lambda cell: cell[1]):
-        text.append("".join(char for char, _ in run), style=style)
-    text.append("▏", style="dim")
-    if label:
-        text.append(f" p{pct:.0f}" if known else " p--", style=f"bold {colour}")
-    return text
-
-
-def _turn_number(messages: Sequence[dict[str, str]], index: int) -> int:
-    """The 1-based number of the assistant answer at message ``index``."""
-    return sum(1 for m in messages[: index + 1] if m["role"] == "assistant")
-
-
-def _capped_text(reading: TurnReading) -> tuple[str, str]:
-    if not reading.capped:
-        return "uncapped", "dim"
-    eng = reading.cap_engagement
-    if eng is None or not math.isfinite(eng):
-        return "capped", "cyan"
-    return f"capped, {eng:.0%} raised", "cyan"
-
-
-def summary_text(
-    reading: TurnReading,
-    *,
-    turn: int | None = None,
-    threshold: float | None = 25.0,
-    finish_reason: str | None = None,
-    cap_next: str | None = None,
-    steer: Steering | None = None,
-    width: int = 16,
-) -> Text:
-    """The one-line summary of an answer: meter, projection, capping and tokens.
-
-    ``cap_next`` (adaptive mode) says whether the next answer will be capped;
-    ``finish_reason`` ``"cancelled"`` or ``"length"`` is noted.
-    """
-    text = Text("  ")
-    if turn is not None:
-        text.append(f"turn {turn} ", style="bold")
-    text.append_text(drift_meter(reading.percentile, threshold=threshold, width=width))
-    proj = f"{reading.projection:+.2f}" if math.isfinite(reading.projection) else "n/a"
-    text.append(f" · projection {proj}")
-    if reading.percentile is None and reading.n_tokens:
-        text.append(" (uncalibrated: no percentile)", style="dim")
-    label, style = _capped_text(reading)
-    text.append(" · ")
-    text.append(label, style=style)
-    if steer is not None:
-        text.append(f" · steered {steer.coefficient:+g}", style="magenta")
-    text.append(f" · {reading.n_tokens} tokens", style="dim")
-    if finish_reason == "cancelled":
-        text.append(" · cancelled", style="yellow")
-    elif finish_reason == "length":
-        text.append(" · hit the token limit", style="dim")
-    if cap_next is not None:
-        text.append(f" · cap next: {cap_next}", style="cyan" if cap_next == "on" else "dim")
-    return text
-
-
-def alert_lines(alerts: Sequence[Alert]) -> list[Text]:
-    """One highlighted line per alert."""
-    return [Text(f"  ⚠ alert ({a.kind}): {a.message}", style="bold red") for a in alerts]
-
-
-def chart_table(
-    readings: Sequence[TurnReading],
-    messages: Sequence[dict[str, str]],
-    *,
-    threshold: float | None = 25.0,
-    width: int = METER_WIDTH,
-) -> Table:
-    """The trajectory so far: one row per assistant answer with a percentile bar."""
-    mark = f"; {MARK} = p{threshold:g} alert line" if _finite(threshold) else ""
-    table = Table(
-        title=f"Drift per answer (percentile among role-play answers{mark})",
-        title_justify="left",
-    )
-    columns: tuple[tuple[str, JustifyMethod], ...] = (
-        ("turn", "right"),
-        ("msg", "right"),
-        ("projection", "right"),
-        ("percentile", "left"),
-        ("capping", "left"),
-        ("alerts", "left"),
-    )
-    for name, justify in columns:
-        table.add_column(name, justify=justify, no_wrap=name in ("percentile", "capping"))
-    for r in sorted((r for r in readings if r.role == "assistant"), key=lambda r: r.index):
-        proj = f"{r.projection:+.2f}" if math.isfinite(r.projection) else "n/a"
-        label, style = _capped_text(r)
-        alerts = Text("; ".join(f"{a.kind}: {a.message}" for a in r.alerts), style="bold red")
-        table.add_row(
-            str(_turn_number(messages, r.index)) if r.index < len(messages) else "?",
-            str(r.index),
-            proj,
-            drift_meter(r.percentile, threshold=threshold, width=width),
-            Text(label, style=style),
-            alerts,
-        )
-    return table
-
-
-def trajectory_series(
-    readings: Sequence[TurnReading], messages: Sequence[dict[str, str]], label: str
-) -> list[Any]:
-    """The answers' readings as one :class:`~persona_compass.html_chart.Series` (for charts)."""
-    from .html_chart import Point, Series, snippet
-
-    points = []
-    for r in sorted((r for r in readings if r.role == "assistant"), key=lambda r: r.index):
-        notes = [f"message {r.index}, {r.n_tokens} tokens", _capped_text(r)[0]]
-        notes += [f"alert {a.kind}: {a.message}" for a in r.alerts]
-        text = messages[r.index]["content"] if r.index < len(messages) else ""
-        points.append(
-            Point(
-                turn=_turn_number(messages, r.index),
-                projection=r.projection,
-                percentile=r.percentile,
-                text=snippet(text),
-                alert=bool(r.alerts),
-                note="\n".join(notes),
-            )
-        )
-    return [Series(label, points)]
-
-
-class LiveAnswer:
-    """The live view of an answer being written: the tail of its text and the drift meter.
-
-    :meth:`update` takes each streamed :class:`~persona_compass.compass.Delta`; rich renders
-    the view whenever the live display refreshes, showing as many of the last lines as fit.
-    """
-
-    def __init__(self, threshold: float | None, capped: bool) -> None:
-        self.text = ""
-        self.percentile: float | None = None
-        self.projection: float | None = None
-        self.n_tokens = 0
-        self.threshold = threshold
-        self.capped = capped
-
-    def update(self, delta: Delta) -> None:
-        self.text += delta.text
-        self.n_tokens = delta.n_tokens
-        if delta.percentile is not None:
-            self.percentile = delta.percentile
-        if delta.projection is not None:
-            self.projection = delta.projection
-
-    def meter_line(self, width: int = METER_WIDTH) -> Text:
-        line = Text()
-        line.append("drift ", style="bold")
-        line.append_text(drift_meter(self.percentile, threshold=self.threshold, width=width))
-        if self.projection is not None:
-            line.append(f"  projection {self.projection:+.2f}")
-        line.append(f"  {self.n_tokens} tokens", style="dim")
-        if self.capped:
-            line.append("  capped", style="cyan")
-        line.append("  (Ctrl-C stops)", style="dim")
-        return line
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        body = Text(self.text.lstrip())
-        lines = body.wrap(console, max(options.max_width, 1))
-        room = max(1, (options.height or console.height) - 3)
-        yield Text("assistant", style="bold magenta")
-        yield from lines[-room:]
-        yield self.meter_line()
 
 
 @contextmanager
@@ -342,9 +65,6 @@ def interrupt_sets(event: threading.Event) -> Iterator[bool]:
         yield True
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-# --------------------------------------------------------------------------- the chat
 
 
 class ChatUI:
@@ -399,7 +119,7 @@ class ChatUI:
         self.console.print(Text(f"error: {message}", style="bold red"), soft_wrap=True)
 
     def _usage_error(self, name: str, problem: str) -> CommandError:
-        return CommandError(f"{problem}; usage: {_BY_NAME[name].usage}")
+        return usage_error(name, problem)
 
     def _fresh_session(self, system_prompt: str | None) -> CompassSession:
         old = self.session
@@ -605,7 +325,7 @@ class ChatUI:
         self.info(
             summary_text(
                 reading,
-                turn=_turn_number(session.messages, reading.index),
+                turn=turn_number(session.messages, reading.index),
                 threshold=self.threshold,
                 finish_reason=answer.finish_reason,
                 cap_next=cap_next,
@@ -620,11 +340,8 @@ class ChatUI:
     def command(self, line: str) -> bool:
         """Run one slash command; return False for ``/quit``."""
         head, _, rest = line.partition(" ")
-        name = ALIASES.get(head.lower(), head.lower())
+        name = command_name(head)
         rest = rest.strip()
-        if name not in _BY_NAME:
-            names = " ".join(c.name for c in COMMANDS)
-            raise CommandError(f"unknown command {head}; commands: {names} (/help explains)")
         if name == "/system":  # the text is taken as typed
             self.cmd_system(rest)
             return True
@@ -641,13 +358,7 @@ class ChatUI:
         return True
 
     def cmd_help(self, args: list[str]) -> None:
-        table = Table.grid(padding=(0, 2))
-        table.add_column(style="bold cyan", no_wrap=True)
-        table.add_column()
-        for c in COMMANDS:
-            table.add_row(c.usage, c.help)
-        table.add_row("//TEXT", "send TEXT starting with '/' as a message")
-        self.console.print(table)
+        self.console.print(help_table())
 
     def cmd_cap(self, args: list[str]) -> None:
         if not args:
@@ -664,7 +375,7 @@ class ChatUI:
     def cmd_steer(self, args: list[str]) -> None:
         if not args:
             steer = self.session.steer
-            self.info("steering: off" if steer is None else f"steering: {_steer_text(steer)}")
+            self.info("steering: off" if steer is None else f"steering: {steer_text(steer)}")
             return
         if len(args) == 1 and args[0].lower() == "off":
             self.session.steer = None
@@ -680,7 +391,7 @@ class ChatUI:
             raise self._usage_error("/steer", "C must be a finite number")
         layers: tuple[int, ...] | None = None
         if len(args) == 2:
-            from .layers import parse_layer_spec
+            from ..layers import parse_layer_spec
 
             try:
                 layers = tuple(parse_layer_spec(args[1], self.session.axis.n_layers))
@@ -688,7 +399,7 @@ class ChatUI:
                 raise self._usage_error("/steer", str(exc)) from None
         steer = Steering(coefficient, layers)
         self.session.steer = steer
-        self.info(f"steering: {_steer_text(steer)}", "magenta")
+        self.info(f"steering: {steer_text(steer)}", "magenta")
 
     def cmd_system(self, text: str) -> None:
         self.session.set_system_prompt(text or None)  # readings keep their messages
@@ -730,7 +441,7 @@ class ChatUI:
         s = self.session
         sampling = s.sampling
         cap = s.capping_config.name if s.capping_config is not None else "none"
-        steer = "off" if s.steer is None else _steer_text(s.steer)
+        steer = "off" if s.steer is None else steer_text(s.steer)
         n_answers = sum(1 for m in s.messages if m["role"] == "assistant")
         rows = [
             ("model", self.model_name or "?"),
@@ -806,7 +517,7 @@ class ChatUI:
 
     def write_chart(self, path: str | Path) -> Path:
         """Write the trajectory so far as a PNG or HTML chart with the calibration bands."""
-        from .html_chart import calibration_bands
+        from ..html_chart import calibration_bands
 
         out = Path(path).expanduser()
         s = self.session
@@ -817,10 +528,10 @@ class ChatUI:
         )
         title = f"Chat on the Assistant Axis, layer {s.axis.layer} ({self.model_name or 'model'})"
         if out.suffix.lower() == ".png":
-            from .plots import plot_trajectories
+            from ..plots import plot_trajectories
 
             return plot_trajectories(series, out, bands=bands, title=title)
-        from .html_chart import write_trajectory_html
+        from ..html_chart import write_trajectory_html
 
         description = (
             "Each point is one assistant answer: the mean projection of its tokens on the axis "
@@ -872,9 +583,6 @@ class ChatUI:
             self.ask(pending)
 
 
-# --------------------------------------------------------------------------- helpers
-
-
 def _stdin_is_tty() -> bool:
     try:
         return sys.stdin is not None and sys.stdin.isatty()
@@ -885,31 +593,3 @@ def _stdin_is_tty() -> bool:
 def _clip(text: str, limit: int) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-
-
-def _steer_text(steer: Steering) -> str:
-    layers = "the monitor layer" if steer.layers is None else _layers_text(steer.layers)
-    return f"{steer.coefficient:+g} × axis on {layers}"
-
-
-def _layers_text(layers: Sequence[int]) -> str:
-    values = sorted(set(layers))
-    if len(values) > 1 and values == list(range(values[0], values[-1] + 1)):
-        return f"layers {values[0]}:{values[-1] + 1}"
-    return ("layer " if len(values) == 1 else "layers ") + ",".join(map(str, values))
-
-
-def pick_transcript(transcripts: list[Transcript], which: str | None, where: str) -> Transcript:
-    """One conversation of a file: the first, or by 1-based number or label."""
-    if which is None:
-        return transcripts[0]
-    if which.isdigit() and 1 <= int(which) <= len(transcripts):
-        return transcripts[int(which) - 1]
-    for t in transcripts:
-        if t.label == which:
-            return t
-    labels = ", ".join(t.label or str(i) for i, t in enumerate(transcripts, 1))
-    raise CommandError(
-        f"{where} holds {len(transcripts)} conversation(s) ({labels}); "
-        f"{which!r} is neither a number from 1 to {len(transcripts)} nor a label"
-    )

@@ -22,21 +22,19 @@ runs: new units are added, and the report covers the current selection.
 Pairing: every scenario gets one seed (from ``seed`` and the scenario id) that all
 conditions share, and the compass seeds each answer with ``seed + turn``, so conditions are
 compared on the same sampling schedule (a scripted user also sends the same messages).
+
+Code: :mod:`.run_store` keeps the settings, unit files and digests; :mod:`.run_conversation`
+plays and judges one conversation unit; :mod:`.run_capability` answers one capability unit.
+This module plans and drives them, and re-exports their public names.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from .. import __version__
 from ..alerts import AlertRules
@@ -44,178 +42,66 @@ from ..atomic import write_json
 from ..axis import Axis, model_fingerprint
 from ..bundles import resolve_bundle
 from ..capping import CAPPING_FILE, CappingConfig
-from ..compass import AdaptivePolicy, CompassSession
-from ..errors import PersonaCompassError
-from ..generation import SamplingConfig, generate_chat
-from ..interventions import capping, steering
-from ..transcripts import save_transcript
-from .capability import CapabilityItem, load_capability_items, score_answer
+from ..compass import AdaptivePolicy
+from ..generation import SamplingConfig
+from .capability import CapabilityItem, load_capability_items
 from .conditions import (
     BASELINE,
     DEFAULT_CONDITIONS,
     Condition,
     build_capping,
     check_condition,
-    condition_slug,
     parse_condition,
     parse_conditions,
 )
-from .outcomes import OutcomeItem, make_outcome_judge
-from .scenarios import Scenario, load_scenarios
-from .users import ScriptedUser, make_user, make_user_backend
-
-logger = logging.getLogger(__name__)
-
-SETTINGS_FILE = "settings.json"
-RUNS_DIR = "runs"
-CAPABILITY_DIR = "capability"
-SETTINGS_FORMAT = "persona-compass-evaluation/1"
-RUN_FORMAT = "persona-compass-eval-run/1"
-CAPABILITY_FORMAT = "persona-compass-eval-capability/1"
-
-# Settings a rerun must share with the run it continues (what the stored units contain).
-RESUME_KEYS: tuple[str, ...] = (
-    "model",
-    "model_fingerprint",
-    "dtype",
-    "bundle_digest",
-    "user",
-    "judge",
-    "turns",
-    "max_new_tokens",
-    "temperature",
-    "top_p",
-    "repetition_penalty",
-    "seed",
-    "system_prompt",
-    "rules",
-    "policy",
-    "capability_max_new_tokens",
-    "capability_items_digest",
+from .outcomes import make_outcome_judge
+from .run_capability import run_capability_unit
+from .run_conversation import rejudge_unit, run_conversation_unit, scenario_seed
+from .run_store import (
+    CAPABILITY_DIR,
+    CAPABILITY_FORMAT,
+    GENERATION_KEYS,
+    RESUME_KEYS,
+    RUN_FORMAT,
+    RUNS_DIR,
+    SETTINGS_FILE,
+    SETTINGS_FORMAT,
+    EvaluationError,
+    EvaluationResult,
+    bundle_digest,
+    capability_path,
+    capping_digest,
+    check_settings,
+    items_digest,
+    json_digest,
+    read_settings,
+    read_unit,
+    run_path,
 )
-# Of those, what generation depends on (a change of the judge alone only re-judges).
-GENERATION_KEYS: tuple[str, ...] = tuple(k for k in RESUME_KEYS if k != "judge")
+from .scenarios import Scenario, load_scenarios
+from .users import make_user_backend
 
-
-class EvaluationError(PersonaCompassError):
-    """An evaluation that cannot start or continue (settings clash, bad selection...)."""
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _digest(data: Any) -> str:
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
-
-
-def scenario_seed(seed: int, scenario_id: str) -> int:
-    """The sampling seed of one scenario: fixed by the run seed and the scenario id, shared
-    by every condition (so the conditions' answers are paired), independent of the selection."""
-    raw = hashlib.sha256(f"{seed}/{scenario_id}".encode()).digest()
-    return int.from_bytes(raw[:4], "big") % (2**31 - 1000)
-
-
-def bundle_digest(folder: Path) -> str:
-    """A hash of the bundle files that decide the readings and the caps."""
-    h = hashlib.sha256()
-    for name in ("axis.safetensors", "bundle.json", "calibration.json", CAPPING_FILE):
-        path = folder / name
-        h.update(name.encode())
-        if path.is_file():
-            h.update(hashlib.sha256(path.read_bytes()).digest())
-    for extra in sorted(folder.glob("capping.safetensors")):
-        h.update(hashlib.sha256(extra.read_bytes()).digest())
-    return h.hexdigest()[:20]
-
-
-def capping_digest(cfg: CappingConfig | None) -> str | None:
-    if cfg is None:
-        return None
-    data = cfg.vectors.contiguous().numpy().tobytes()
-    return _digest(
-        {
-            "layers": list(cfg.layers),
-            "thresholds": list(cfg.thresholds),
-            "form": cfg.form,
-            "vectors": hashlib.sha256(data).hexdigest(),
-        }
-    )
-
-
-def items_digest(items: Sequence[CapabilityItem]) -> str:
-    return _digest([item.to_dict() for item in items])
-
-
-def run_path(out_dir: Path, scenario_id: str, condition: str) -> Path:
-    return out_dir / RUNS_DIR / f"{scenario_id}__{condition_slug(condition)}.json"
-
-
-def capability_path(out_dir: Path, condition: str) -> Path:
-    return out_dir / CAPABILITY_DIR / f"{condition_slug(condition)}.json"
-
-
-def read_unit(path: Path, fmt: str) -> dict[str, Any] | None:
-    """A complete unit file, or None (missing, partial, foreign or unfinished)."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        logger.warning("%s is unreadable (a partial write?); it will be redone", path)
-        return None
-    block = data.get("evaluation") if isinstance(data, dict) else None
-    if (
-        not isinstance(block, dict)
-        or block.get("format") != fmt
-        or block.get("complete") is not True
-    ):
-        logger.warning("%s is not a complete evaluation unit; it will be redone", path)
-        return None
-    return data
-
-
-def read_settings(out_dir: str | Path) -> dict[str, Any]:
-    """``DIR/settings.json``.
-
-    Raises:
-        EvaluationError: there is none, or it is unreadable.
-    """
-    path = Path(out_dir) / SETTINGS_FILE
-    if not path.is_file():
-        raise EvaluationError(f"{path} does not exist; is {out_dir} an evaluation folder?")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise EvaluationError(f"{path}: unreadable ({exc})") from None
-    if not isinstance(data, dict) or data.get("format") != SETTINGS_FORMAT:
-        raise EvaluationError(f"{path} is not a persona-compass evaluation settings file")
-    return data
-
-
-# --------------------------------------------------------------------------- results
-
-
-@dataclass
-class EvaluationResult:
-    """What :func:`run_evaluation` did."""
-
-    out_dir: Path
-    settings: dict[str, Any]
-    planned: int = 0
-    generated: int = 0
-    rejudged: int = 0
-    skipped: int = 0
-    capability_planned: int = 0
-    capability_done: int = 0
-    seconds: float = 0.0
-    answers: int = 0
-    answer_seconds: list[float] = field(default_factory=list)
-
-    @property
-    def seconds_per_answer(self) -> float | None:
-        return sum(self.answer_seconds) / len(self.answer_seconds) if self.answer_seconds else None
-
+__all__ = [
+    "CAPABILITY_DIR",
+    "CAPABILITY_FORMAT",
+    "GENERATION_KEYS",
+    "RESUME_KEYS",
+    "RUN_FORMAT",
+    "RUNS_DIR",
+    "SETTINGS_FILE",
+    "SETTINGS_FORMAT",
+    "EvaluationError",
+    "EvaluationResult",
+    "bundle_digest",
+    "capability_path",
+    "capping_digest",
+    "items_digest",
+    "read_settings",
+    "read_unit",
+    "run_evaluation",
+    "run_path",
+    "scenario_seed",
+]
 
 # --------------------------------------------------------------------------- progress
 
@@ -295,35 +181,6 @@ def _resolve_conditions(conditions: str | Sequence[str | Condition]) -> list[Con
     if not out:
         raise EvaluationError("no condition given")
     return out
-
-
-def _check_settings(
-    out_dir: Path, settings: dict[str, Any], *, force: bool
-) -> dict[str, Any] | None:
-    """Compare with an existing settings.json; returns the previous settings (or None)."""
-    path = out_dir / SETTINGS_FILE
-    if not path.exists():
-        if out_dir.exists() and any(p for p in out_dir.iterdir() if not p.name.startswith(".")):
-            raise EvaluationError(
-                f"{out_dir} is not empty and holds no {SETTINGS_FILE}; choose a new --out"
-            )
-        return None
-    previous = read_settings(out_dir)
-    diffs = [
-        f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}"
-        for k in RESUME_KEYS
-        if previous.get(k) != settings.get(k)
-    ]
-    if diffs and not force:
-        raise EvaluationError(
-            f"{out_dir} holds an evaluation made with other settings ({'; '.join(diffs)}); "
-            f"rerun with the same settings (see {path}), choose a new --out, or pass --force "
-            "to redo the affected runs (when only the judge changed, the stored answers are "
-            "re-judged without generating again)"
-        )
-    if diffs:
-        logger.warning("settings changed (%s): affected units will be redone", "; ".join(diffs))
-    return previous
 
 
 def run_evaluation(
@@ -500,8 +357,8 @@ def run_evaluation(
         "sweep": sweep,
         "command": command,
     }
-    settings["settings_digest"] = _digest({k: settings.get(k) for k in GENERATION_KEYS})
-    _check_settings(out, settings, force=force)
+    settings["settings_digest"] = json_digest({k: settings.get(k) for k in GENERATION_KEYS})
+    check_settings(out, settings, force=force)
     out.mkdir(parents=True, exist_ok=True)
     (out / RUNS_DIR).mkdir(exist_ok=True)
     write_json(out / SETTINGS_FILE, settings)
@@ -514,7 +371,7 @@ def run_evaluation(
     plan: list[tuple[Scenario, Condition, str, Path, dict[str, Any] | None]] = []
     for scen in chosen:
         for cond in conds:
-            key = _digest(
+            key = json_digest(
                 {
                     "settings": gen_settings,
                     "scenario": scen.to_dict(),
@@ -540,7 +397,7 @@ def run_evaluation(
         base = next((c for c in conds if c.is_baseline), parse_condition(BASELINE))
         for cond in [base, *measured]:
             cfg = caps.get(cond.name) if cond.name in caps else None
-            key = _digest(
+            key = json_digest(
                 {
                     "settings": gen_settings,
                     "items": settings["capability_items_digest"],
@@ -574,10 +431,10 @@ def run_evaluation(
                     if existing["evaluation"].get("judge") == judge_obj.name:
                         result.skipped += 1
                         continue
-                    _rejudge(path, existing, judge_obj)
+                    rejudge_unit(path, existing, judge_obj)
                     result.rejudged += 1
                     continue
-                _run_unit(
+                run_conversation_unit(
                     path=path,
                     key=key,
                     scenario=scen,
@@ -602,7 +459,7 @@ def run_evaluation(
             for cond, key, path, existing in cap_plan:
                 if existing is not None:
                     continue
-                _run_capability(
+                run_capability_unit(
                     path=path,
                     key=key,
                     condition=cond,
@@ -623,230 +480,3 @@ def run_evaluation(
                 close()
     result.seconds = time.perf_counter() - started
     return result
-
-
-def _outcome_items(
-    scenario: Scenario, messages: Sequence[dict[str, str]], answers: Sequence[str]
-) -> list[OutcomeItem]:
-    """One judge item per assistant answer: (domain, the user turn before it, the answer)."""
-    out = []
-    k = 0
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        prev = next(
-            (messages[j]["content"] for j in range(i - 1, -1, -1) if messages[j]["role"] == "user"),
-            "",
-        )
-        out.append(OutcomeItem(scenario.domain, prev, answers[k]))
-        k += 1
-    return out
-
-
-def _judge_answers(judge: Any, items: Sequence[OutcomeItem]) -> list[dict[str, Any]]:
-    verdicts = judge.judge(list(items))
-    if len(verdicts) != len(items):
-        raise EvaluationError(
-            f"outcome judge {judge.name!r} returned {len(verdicts)} verdicts for "
-            f"{len(items)} answers"
-        )
-    return [v.to_dict() for v in verdicts]
-
-
-def _run_unit(
-    *,
-    path: Path,
-    key: str,
-    scenario: Scenario,
-    condition: Condition,
-    cap_cfg: CappingConfig | None,
-    model: Any,
-    tokenizer: Any,
-    axis: Axis,
-    spec: str,
-    settings: dict[str, Any],
-    backend: Any,
-    n_turns: int,
-    rules: AlertRules,
-    policy: AdaptivePolicy,
-    judge: Any,
-    result: EvaluationResult,
-    on_answer: Callable[[str, str, int, float], None] | None,
-    tick: Callable[[str], None],
-) -> None:
-    started = time.perf_counter()
-    seed = scenario_seed(settings["seed"], scenario.id)
-    sampling = SamplingConfig(
-        max_new_tokens=settings["max_new_tokens"],
-        temperature=settings["temperature"],
-        top_p=settings["top_p"],
-        repetition_penalty=settings["repetition_penalty"],
-        seed=seed,
-    )
-    session = CompassSession(
-        model,
-        tokenizer,
-        axis,
-        cap_cfg,
-        mode=condition.mode,
-        rules=rules,
-        policy=policy,
-        sampling=sampling,
-        system_prompt=settings["system_prompt"],
-        steer=condition.steering,
-    )
-    if backend is None:
-        user: Any = ScriptedUser(scenario, max_turns=n_turns)
-    else:
-        user = make_user(backend, scenario, max_turns=n_turns)
-    records: list[dict[str, Any]] = []
-    answers: list[str] = []
-    label = f"{scenario.id} / {condition.name}"
-    for turn in range(1, user.max_turns + 1):
-        t0 = time.perf_counter()
-        user_turn = user.next_turn(session.messages)
-        t1 = time.perf_counter()
-        answer = session.reply(user_turn.text)
-        seconds = time.perf_counter() - t1
-        answers.append(answer.text)
-        records.append(
-            {
-                "turn": turn,
-                "message_index": answer.reading.index,
-                "user_source": user_turn.source,
-                "user_note": user_turn.note,
-                "user_seconds": round(t1 - t0, 4),
-                "answer_seconds": round(seconds, 4),
-                "finish_reason": answer.finish_reason,
-                "prompt_tokens": answer.prompt_tokens,
-                "completion_tokens": answer.completion_tokens,
-                "cap_engaged_next": answer.cap_engaged_next,
-            }
-        )
-        result.answers += 1
-        result.answer_seconds.append(seconds)
-        if on_answer is not None:
-            on_answer(scenario.id, condition.name, turn, seconds)
-        tick(f"{label} turn {turn}")
-    outcomes = _judge_answers(judge, _outcome_items(scenario, session.messages, answers))
-    for rec, outcome in zip(records, outcomes, strict=True):
-        rec["outcome"] = outcome
-    metadata = {
-        "scenario": scenario.id,
-        "title": scenario.title,
-        "domain": scenario.domain,
-        "risk": scenario.risk,
-        "persona": scenario.persona,
-        "topic": scenario.topic,
-        "condition": condition.name,
-        "steering_config": condition.to_dict(),
-        "evaluation": {
-            "format": RUN_FORMAT,
-            "complete": True,
-            "key": key,
-            "settings_digest": settings["settings_digest"],
-            "scenario": scenario.to_dict(),
-            "condition": condition.to_dict(),
-            "capping_config": None if cap_cfg is None else cap_cfg.to_dict(include_vectors=False),
-            "seed": seed,
-            "user": settings["user"],
-            "judge": judge.name,
-            "turns": records,
-            "seconds": round(time.perf_counter() - started, 3),
-        },
-    }
-    save_transcript(
-        path, session.messages, model=spec, readings=session.readings(), metadata=metadata
-    )
-
-
-def _rejudge(path: Path, data: dict[str, Any], judge: Any) -> None:
-    """Judge a stored run's answers again with another judge (no generation)."""
-    messages = data["conversation"]
-    scen = data["evaluation"]["scenario"]
-    scenario = Scenario.from_dict(scen)
-    answers = [m["content"] for m in messages if m["role"] == "assistant"]
-    outcomes = _judge_answers(judge, _outcome_items(scenario, messages, answers))
-    for rec, outcome in zip(data["evaluation"]["turns"], outcomes, strict=True):
-        rec["outcome"] = outcome
-    data["evaluation"]["judge"] = judge.name
-    write_json(path, data)
-
-
-@contextmanager
-def _interventions(
-    model: Any, axis: Axis, condition: Condition, cfg: CappingConfig | None
-) -> Iterator[None]:
-    """The condition's steering and (always-on) capping, for single-turn answers."""
-    with ExitStack() as stack:
-        if condition.steering is not None:
-            s = condition.steering
-            stack.enter_context(steering(model, axis, s.coefficient, s.layers, scale=s.scale))
-        if condition.mode == "on" and cfg is not None:
-            stack.enter_context(capping(model, cfg))
-        yield
-
-
-def _run_capability(
-    *,
-    path: Path,
-    key: str,
-    condition: Condition,
-    cap_cfg: CappingConfig | None,
-    items: Sequence[CapabilityItem],
-    model: Any,
-    tokenizer: Any,
-    axis: Axis,
-    settings: dict[str, Any],
-    batch_size: int,
-    tick: Callable[[int, str], None],
-) -> None:
-    """Answer every item once, greedily, under the condition; write the unit file."""
-    started = time.perf_counter()
-    sampling = SamplingConfig(
-        max_new_tokens=settings["capability_max_new_tokens"],
-        temperature=0.0,
-        repetition_penalty=1.0,
-        seed=None,
-    )
-    system = settings["system_prompt"]
-    rows: list[dict[str, Any]] = []
-    batch = max(1, batch_size)
-    for start in range(0, len(items), batch):
-        chunk = items[start : start + batch]
-        convs = [
-            ([{"role": "system", "content": system}] if system else [])
-            + [{"role": "user", "content": item.prompt}]
-            for item in chunk
-        ]
-        with torch.inference_mode(), _interventions(model, axis, condition, cap_cfg):
-            texts = generate_chat(model, tokenizer, convs, sampling).texts
-        for item, text in zip(chunk, texts, strict=True):
-            rows.append(
-                {
-                    "id": item.id,
-                    "category": item.category,
-                    "reply": text,
-                    "correct": score_answer(item, text),
-                }
-            )
-        tick(len(chunk), f"capability / {condition.name}")
-    write_json(
-        path,
-        {
-            "condition": condition.name,
-            "items": rows,
-            "evaluation": {
-                "format": CAPABILITY_FORMAT,
-                "complete": True,
-                "key": key,
-                "settings_digest": settings["settings_digest"],
-                "condition": condition.to_dict(),
-                "capping_config": None
-                if cap_cfg is None
-                else cap_cfg.to_dict(include_vectors=False),
-                "max_new_tokens": settings["capability_max_new_tokens"],
-                "seconds": round(time.perf_counter() - started, 3),
-            },
-        },
-    )

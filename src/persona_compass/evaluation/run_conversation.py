@@ -1,0 +1,179 @@
+"""One evaluation unit: a scenario's conversation under one condition, answered, judged and
+saved as a transcript; and re-judging a stored one."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..alerts import AlertRules
+from ..atomic import write_json
+from ..axis import Axis
+from ..capping import CappingConfig
+from ..compass import AdaptivePolicy, CompassSession
+from ..generation import SamplingConfig
+from ..transcripts import save_transcript
+from .conditions import Condition
+from .outcome_types import OutcomeItem
+from .run_store import RUN_FORMAT, EvaluationError, EvaluationResult
+from .scenarios import Scenario
+from .users import ScriptedUser, make_user
+
+
+def scenario_seed(seed: int, scenario_id: str) -> int:
+    """The sampling seed of one scenario: fixed by the run seed and the scenario id, shared
+    by every condition (so the conditions' answers are paired), independent of the selection."""
+    raw = hashlib.sha256(f"{seed}/{scenario_id}".encode()).digest()
+    return int.from_bytes(raw[:4], "big") % (2**31 - 1000)
+
+
+def _outcome_items(
+    scenario: Scenario, messages: Sequence[dict[str, str]], answers: Sequence[str]
+) -> list[OutcomeItem]:
+    """One judge item per assistant answer: (domain, the user turn before it, the answer)."""
+    out = []
+    k = 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prev = next(
+            (messages[j]["content"] for j in range(i - 1, -1, -1) if messages[j]["role"] == "user"),
+            "",
+        )
+        out.append(OutcomeItem(scenario.domain, prev, answers[k]))
+        k += 1
+    return out
+
+
+def _judge_answers(judge: Any, items: Sequence[OutcomeItem]) -> list[dict[str, Any]]:
+    verdicts = judge.judge(list(items))
+    if len(verdicts) != len(items):
+        raise EvaluationError(
+            f"outcome judge {judge.name!r} returned {len(verdicts)} verdicts for "
+            f"{len(items)} answers"
+        )
+    return [v.to_dict() for v in verdicts]
+
+
+def run_conversation_unit(
+    *,
+    path: Path,
+    key: str,
+    scenario: Scenario,
+    condition: Condition,
+    cap_cfg: CappingConfig | None,
+    model: Any,
+    tokenizer: Any,
+    axis: Axis,
+    spec: str,
+    settings: dict[str, Any],
+    backend: Any,
+    n_turns: int,
+    rules: AlertRules,
+    policy: AdaptivePolicy,
+    judge: Any,
+    result: EvaluationResult,
+    on_answer: Callable[[str, str, int, float], None] | None,
+    tick: Callable[[str], None],
+) -> None:
+    """Play the scenario under the condition, judge every answer, write the run file."""
+    started = time.perf_counter()
+    seed = scenario_seed(settings["seed"], scenario.id)
+    sampling = SamplingConfig(
+        max_new_tokens=settings["max_new_tokens"],
+        temperature=settings["temperature"],
+        top_p=settings["top_p"],
+        repetition_penalty=settings["repetition_penalty"],
+        seed=seed,
+    )
+    session = CompassSession(
+        model,
+        tokenizer,
+        axis,
+        cap_cfg,
+        mode=condition.mode,
+        rules=rules,
+        policy=policy,
+        sampling=sampling,
+        system_prompt=settings["system_prompt"],
+        steer=condition.steering,
+    )
+    if backend is None:
+        user: Any = ScriptedUser(scenario, max_turns=n_turns)
+    else:
+        user = make_user(backend, scenario, max_turns=n_turns)
+    records: list[dict[str, Any]] = []
+    answers: list[str] = []
+    label = f"{scenario.id} / {condition.name}"
+    for turn in range(1, user.max_turns + 1):
+        t0 = time.perf_counter()
+        user_turn = user.next_turn(session.messages)
+        t1 = time.perf_counter()
+        answer = session.reply(user_turn.text)
+        seconds = time.perf_counter() - t1
+        answers.append(answer.text)
+        records.append(
+            {
+                "turn": turn,
+                "message_index": answer.reading.index,
+                "user_source": user_turn.source,
+                "user_note": user_turn.note,
+                "user_seconds": round(t1 - t0, 4),
+                "answer_seconds": round(seconds, 4),
+                "finish_reason": answer.finish_reason,
+                "prompt_tokens": answer.prompt_tokens,
+                "completion_tokens": answer.completion_tokens,
+                "cap_engaged_next": answer.cap_engaged_next,
+            }
+        )
+        result.answers += 1
+        result.answer_seconds.append(seconds)
+        if on_answer is not None:
+            on_answer(scenario.id, condition.name, turn, seconds)
+        tick(f"{label} turn {turn}")
+    outcomes = _judge_answers(judge, _outcome_items(scenario, session.messages, answers))
+    for rec, outcome in zip(records, outcomes, strict=True):
+        rec["outcome"] = outcome
+    metadata = {
+        "scenario": scenario.id,
+        "title": scenario.title,
+        "domain": scenario.domain,
+        "risk": scenario.risk,
+        "persona": scenario.persona,
+        "topic": scenario.topic,
+        "condition": condition.name,
+        "steering_config": condition.to_dict(),
+        "evaluation": {
+            "format": RUN_FORMAT,
+            "complete": True,
+            "key": key,
+            "settings_digest": settings["settings_digest"],
+            "scenario": scenario.to_dict(),
+            "condition": condition.to_dict(),
+            "capping_config": None if cap_cfg is None else cap_cfg.to_dict(include_vectors=False),
+            "seed": seed,
+            "user": settings["user"],
+            "judge": judge.name,
+            "turns": records,
+            "seconds": round(time.perf_counter() - started, 3),
+        },
+    }
+    save_transcript(
+        path, session.messages, model=spec, readings=session.readings(), metadata=metadata
+    )
+
+
+def rejudge_unit(path: Path, data: dict[str, Any], judge: Any) -> None:
+    """Judge a stored run's answers again with another judge (no generation)."""
+    messages = data["conversation"]
+    scen = data["evaluation"]["scenario"]
+    scenario = Scenario.from_dict(scen)
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    outcomes = _judge_answers(judge, _outcome_items(scenario, messages, answers))
+    for rec, outcome in zip(data["evaluation"]["turns"], outcomes, strict=True):
+        rec["outcome"] = outcome
+    data["evaluation"]["judge"] = judge.name
+    write_json(path, data)

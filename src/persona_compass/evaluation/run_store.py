@@ -1,0 +1,195 @@
+"""The evaluation folder's bookkeeping: settings, unit files and their paths, the digests that
+decide what a rerun may reuse, and the run's tally (see :mod:`.runner` for the layout)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..capping import CAPPING_FILE, CappingConfig
+from ..errors import PersonaCompassError
+from .capability import CapabilityItem
+from .conditions import condition_slug
+
+logger = logging.getLogger(__name__)
+
+SETTINGS_FILE = "settings.json"
+RUNS_DIR = "runs"
+CAPABILITY_DIR = "capability"
+SETTINGS_FORMAT = "persona-compass-evaluation/1"
+RUN_FORMAT = "persona-compass-eval-run/1"
+CAPABILITY_FORMAT = "persona-compass-eval-capability/1"
+
+# Settings a rerun must share with the run it continues (what the stored units contain).
+RESUME_KEYS: tuple[str, ...] = (
+    "model",
+    "model_fingerprint",
+    "dtype",
+    "bundle_digest",
+    "user",
+    "judge",
+    "turns",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "repetition_penalty",
+    "seed",
+    "system_prompt",
+    "rules",
+    "policy",
+    "capability_max_new_tokens",
+    "capability_items_digest",
+)
+# Of those, what generation depends on (a change of the judge alone only re-judges).
+GENERATION_KEYS: tuple[str, ...] = tuple(k for k in RESUME_KEYS if k != "judge")
+
+
+class EvaluationError(PersonaCompassError):
+    """An evaluation that cannot start or continue (settings clash, bad selection...)."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def json_digest(data: Any) -> str:
+    """A short, stable hash of JSON-able data (keys sorted)."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+
+
+def bundle_digest(folder: Path) -> str:
+    """A hash of the bundle files that decide the readings and the caps."""
+    h = hashlib.sha256()
+    for name in ("axis.safetensors", "bundle.json", "calibration.json", CAPPING_FILE):
+        path = folder / name
+        h.update(name.encode())
+        if path.is_file():
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+    for extra in sorted(folder.glob("capping.safetensors")):
+        h.update(hashlib.sha256(extra.read_bytes()).digest())
+    return h.hexdigest()[:20]
+
+
+def capping_digest(cfg: CappingConfig | None) -> str | None:
+    if cfg is None:
+        return None
+    data = cfg.vectors.contiguous().numpy().tobytes()
+    return json_digest(
+        {
+            "layers": list(cfg.layers),
+            "thresholds": list(cfg.thresholds),
+            "form": cfg.form,
+            "vectors": hashlib.sha256(data).hexdigest(),
+        }
+    )
+
+
+def items_digest(items: Sequence[CapabilityItem]) -> str:
+    return json_digest([item.to_dict() for item in items])
+
+
+def run_path(out_dir: Path, scenario_id: str, condition: str) -> Path:
+    return out_dir / RUNS_DIR / f"{scenario_id}__{condition_slug(condition)}.json"
+
+
+def capability_path(out_dir: Path, condition: str) -> Path:
+    return out_dir / CAPABILITY_DIR / f"{condition_slug(condition)}.json"
+
+
+def read_unit(path: Path, fmt: str) -> dict[str, Any] | None:
+    """A complete unit file, or None (missing, partial, foreign or unfinished)."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        logger.warning("%s is unreadable (a partial write?); it will be redone", path)
+        return None
+    block = data.get("evaluation") if isinstance(data, dict) else None
+    if (
+        not isinstance(block, dict)
+        or block.get("format") != fmt
+        or block.get("complete") is not True
+    ):
+        logger.warning("%s is not a complete evaluation unit; it will be redone", path)
+        return None
+    return data
+
+
+def read_settings(out_dir: str | Path) -> dict[str, Any]:
+    """``DIR/settings.json``.
+
+    Raises:
+        EvaluationError: there is none, or it is unreadable.
+    """
+    path = Path(out_dir) / SETTINGS_FILE
+    if not path.is_file():
+        raise EvaluationError(f"{path} does not exist; is {out_dir} an evaluation folder?")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise EvaluationError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != SETTINGS_FORMAT:
+        raise EvaluationError(f"{path} is not a persona-compass evaluation settings file")
+    return data
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class EvaluationResult:
+    """What :func:`~.runner.run_evaluation` did."""
+
+    out_dir: Path
+    settings: dict[str, Any]
+    planned: int = 0
+    generated: int = 0
+    rejudged: int = 0
+    skipped: int = 0
+    capability_planned: int = 0
+    capability_done: int = 0
+    seconds: float = 0.0
+    answers: int = 0
+    answer_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def seconds_per_answer(self) -> float | None:
+        return sum(self.answer_seconds) / len(self.answer_seconds) if self.answer_seconds else None
+
+
+# --------------------------------------------------------------------------- resuming
+
+
+def check_settings(
+    out_dir: Path, settings: dict[str, Any], *, force: bool
+) -> dict[str, Any] | None:
+    """Compare with an existing settings.json; returns the previous settings (or None)."""
+    path = out_dir / SETTINGS_FILE
+    if not path.exists():
+        if out_dir.exists() and any(p for p in out_dir.iterdir() if not p.name.startswith(".")):
+            raise EvaluationError(
+                f"{out_dir} is not empty and holds no {SETTINGS_FILE}; choose a new --out"
+            )
+        return None
+    previous = read_settings(out_dir)
+    diffs = [
+        f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}"
+        for k in RESUME_KEYS
+        if previous.get(k) != settings.get(k)
+    ]
+    if diffs and not force:
+        raise EvaluationError(
+            f"{out_dir} holds an evaluation made with other settings ({'; '.join(diffs)}); "
+            f"rerun with the same settings (see {path}), choose a new --out, or pass --force "
+            "to redo the affected runs (when only the judge changed, the stored answers are "
+            "re-judged without generating again)"
+        )
+    if diffs:
+        logger.warning("settings changed (%s): affected units will be redone", "; ".join(diffs))
+    return previous

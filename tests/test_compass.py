@@ -76,6 +76,10 @@ def test_stream_deltas_add_up_to_the_answer_with_running_values(setup):
     answer = generate_answer(model, tok, axis, USER, sampling=SAMPLING, on_delta=deltas.append)
     assert "".join(d.text for d in deltas).strip() == answer.text
     assert [d.n_tokens for d in deltas] == sorted(d.n_tokens for d in deltas)
+    for delta in deltas[:-1]:  # each running value: the mean over every token fed back so far
+        fed = answer.tokens.projections[: delta.n_tokens - 1]
+        if fed:
+            assert delta.projection == pytest.approx(sum(fed) / len(fed), abs=1e-5)
     last = deltas[-1]
     fed = answer.tokens.projections[: last.n_tokens]
     assert last.projection == pytest.approx(sum(fed) / len(fed), abs=1e-5)

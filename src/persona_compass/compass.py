@@ -30,7 +30,7 @@ from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from .alerts import Alert, AlertRules, AlertTracker
+from .alerts import Alert, AlertRules
 from .axis import Axis
 from .capping import CappingConfig
 from .chat import render_chat
@@ -218,21 +218,15 @@ class _AnswerStreamer(BaseStreamer):
             self._emit(final=True)
 
 
-def _history_readings(
-    mon: DriftMonitor, spans: Sequence[Any], *, alerts: AlertTracker | None
-) -> list[TurnReading]:
-    """Readings of the conversation's earlier turns, from the prompt's own forward pass."""
-    out = []
-    for span in spans:
-        tokens = mon.read(span.start, span.end)
-        n = len(tokens.projections)
-        proj = sum(tokens.projections) / n if n else float("nan")
-        pct = mon.percentile(proj)
-        raised: tuple[Alert, ...] = ()
-        if alerts is not None and span.role == "assistant":
-            raised = tuple(alerts.observe(span.index, pct, tokens.percentiles or ()))
-        out.append(TurnReading(span.index, span.role, proj, pct, n, alerts=raised))
-    return out
+def _history_readings(mon: DriftMonitor, spans: Sequence[Any]) -> list[TurnReading]:
+    """Readings of the conversation's earlier turns, from the prompt's own forward pass.
+
+    Assistant turns go through the monitor's alert rules; the readings are not kept.
+    """
+    return [
+        mon.measure_turn(mon.read(span.start, span.end), index=span.index, role=span.role)
+        for span in spans
+    ]
 
 
 @torch.inference_mode()
@@ -275,10 +269,16 @@ def generate_answer(
     engagement = CapEngagement() if cap is not None else None
     end_ids = eos_ids(model, tokenizer)
 
+    fed = [0, 0.0]  # answer tokens read so far, and the sum of their projections
+
     def running(delta_text: str, n_tokens: int) -> None:
+        # Only the tokens fed back since the last delta are copied: O(1) per token.
         assert on_delta is not None
-        values = mon.read(prompt_len, prompt_len + n_tokens)  # tokens fed back so far
-        proj = sum(values.projections) / len(values.projections) if values.projections else None
+        start = prompt_len + int(fed[0])
+        new = mon.read(start, prompt_len + n_tokens, percentiles=False).projections
+        fed[0] += len(new)
+        fed[1] += sum(new)
+        proj = fed[1] / fed[0] if fed[0] else None
         pct = mon.percentile(proj) if proj is not None else None
         on_delta(Delta(delta_text, n_tokens, proj, pct))
 
@@ -310,7 +310,7 @@ def generate_answer(
         )
     history: list[TurnReading] = []
     if read_history:
-        history = _history_readings(mon, rendered.spans, alerts=mon.tracker)
+        history = _history_readings(mon, rendered.spans)
     n_content = len(streamer.ids)
     if streamer.stopped:
         # keep only the tokens of the text before the stop string
@@ -325,6 +325,7 @@ def generate_answer(
         index=len(messages),
         capped=cap is not None,
         cap_engagement=engagement.fraction(prompt_len, end) if engagement else None,
+        tokens=tokens,
     )
     if streamer.stopped or streamer.ended:
         finish = "stop"
@@ -541,17 +542,11 @@ def respond(
         device = next(model.parameters()).device
         with torch.inference_mode(), mon:
             model(input_ids=torch.tensor([rendered.input_ids], device=device), use_cache=False)
-        history = _history_readings(mon, rendered.spans, alerts=mon.tracker)
+        history = _history_readings(mon, rendered.spans)  # the tracker now holds them too
         for reading in history:
             if reading.role == "assistant":
                 adaptive.update(reading)
         capped = adaptive.engaged
-        mon = DriftMonitor(model, axis, rules=rules)  # the answer's alerts follow the history
-        mon.tracker.history = [
-            math.nan if t.percentile is None else t.percentile
-            for t in history
-            if t.role == "assistant"
-        ]
     answer = generate_answer(
         model,
         tokenizer,

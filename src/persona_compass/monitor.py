@@ -217,16 +217,44 @@ class DriftMonitor:
             return None
         return float(self.calibration.percentile_of(value, self.layer))
 
-    def read(self, start: int, end: int, row: int = 0) -> TokenReadings:
-        """Projections (and percentiles) of buffer positions ``[start, end)``: one host copy."""
+    def read(
+        self, start: int, end: int, row: int = 0, *, percentiles: bool = True
+    ) -> TokenReadings:
+        """Projections (and percentiles) of buffer positions ``[start, end)``: one host copy.
+
+        ``percentiles=False`` skips the per-token percentiles (``None`` in the result).
+        """
         end = min(end, self._n_tokens)
+        want = percentiles and self.calibration is not None
         if self._buffer is None or end <= start:
-            return TokenReadings([], [] if self.calibration is not None else None)
+            return TokenReadings([], [] if want else None)
         values = self._buffer[row, start:end].float()
         pcts = None
-        if self.calibration is not None:
+        if want:
+            assert self.calibration is not None
             pcts = self.calibration.percentile_of(values, self.layer).cpu().tolist()
         return TokenReadings(values.cpu().tolist(), pcts)
+
+    def measure_turn(
+        self,
+        tokens: TokenReadings,
+        *,
+        index: int,
+        role: str = "assistant",
+        capped: bool = False,
+        cap_engagement: float | None = None,
+    ) -> TurnReading:
+        """A turn's reading from its token readings; assistant turns go through the alert rules.
+
+        The reading is not kept (see :meth:`end_turn`).
+        """
+        n = len(tokens.projections)
+        projection = sum(tokens.projections) / n if n else float("nan")
+        percentile = self.percentile(projection)
+        alerts: tuple[Alert, ...] = ()
+        if role == "assistant":
+            alerts = tuple(self.tracker.observe(index, percentile, tokens.percentiles or ()))
+        return TurnReading(index, role, projection, percentile, n, capped, cap_engagement, alerts)
 
     def end_turn(
         self,
@@ -238,20 +266,17 @@ class DriftMonitor:
         row: int = 0,
         capped: bool = False,
         cap_engagement: float | None = None,
+        tokens: TokenReadings | None = None,
     ) -> TurnReading:
         """Close a turn over buffer positions ``[start, end)``: read it, check alerts, keep it.
 
-        Alerts are checked for assistant turns only. One host copy per turn.
+        Alerts are checked for assistant turns only. One host copy per turn, none when the
+        caller passes the ``tokens`` it already read for that range.
         """
-        tokens = self.read(start, end, row)
-        n = len(tokens.projections)
-        projection = sum(tokens.projections) / n if n else float("nan")
-        percentile = self.percentile(projection)
-        alerts: tuple[Alert, ...] = ()
-        if role == "assistant":
-            alerts = tuple(self.tracker.observe(index, percentile, tokens.percentiles or ()))
-        reading = TurnReading(
-            index, role, projection, percentile, n, capped, cap_engagement, alerts
+        if tokens is None:
+            tokens = self.read(start, end, row)
+        reading = self.measure_turn(
+            tokens, index=index, role=role, capped=capped, cap_engagement=cap_engagement
         )
         self.turns.append(reading)
         return reading

@@ -136,3 +136,17 @@ def test_real_model_project_conversation(real_pair):
     turns = project_conversation(model, tok, axis, CONVERSATION)
     assert [t.index for t in turns] == [1, 3]
     assert all(t.n_tokens > 3 and torch.isfinite(torch.tensor(t.projection)) for t in turns)
+
+
+def test_device_buffer_grows_restarts_and_clips():
+    from persona_compass.device_buffer import DeviceBuffer
+
+    buf = DeviceBuffer(torch.float32, capacity=2)
+    assert buf.row(0, 0, 5).numel() == 0
+    assert not buf.append(torch.tensor([[1.0, 2.0]]))
+    assert not buf.append(torch.tensor([[3.0, 4.0, 5.0]]))  # grows past the capacity
+    assert buf.row(0, 1, 99).tolist() == [2.0, 3.0, 4.0, 5.0]
+    assert buf.append(torch.zeros(2, 1))  # a new batch size starts over, and says so
+    assert buf.length == 1
+    buf.reset()
+    assert buf.row(1, 0, 5).numel() == 0

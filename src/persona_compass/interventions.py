@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .axis import Axis, text_config, unit_rows
+from .device_buffer import DeviceBuffer
 from .errors import AxisFileError, CappingConfigError
 from .layers import (
     block_output,
@@ -148,43 +149,25 @@ class CapEngagement:
     """
 
     def __init__(self) -> None:
-        self._masks: dict[int, Tensor] = {}
-        self._lengths: dict[int, int] = {}
+        self._masks: dict[int, DeviceBuffer] = {}
 
     def record(self, key: int, raised: Tensor) -> None:
         """Append one forward's mask (..., tokens) for the operator ``key``."""
         rows = raised.reshape(-1, raised.shape[-1]) if raised.ndim >= 2 else raised.view(1, -1)
-        buf = self._masks.get(key)
-        used = self._lengths.get(key, 0)
-        if buf is None or buf.shape[0] != rows.shape[0]:
-            buf = torch.zeros(
-                rows.shape[0], max(256, rows.shape[1]), dtype=torch.bool, device=rows.device
-            )
-            used = 0
-        elif used + rows.shape[1] > buf.shape[1]:
-            grown = torch.zeros(
-                rows.shape[0], 2 * (used + rows.shape[1]), dtype=torch.bool, device=buf.device
-            )
-            grown[:, :used] = buf[:, :used]
-            buf = grown
-        buf[:, used : used + rows.shape[1]] = rows
-        self._masks[key] = buf
-        self._lengths[key] = used + rows.shape[1]
+        self._masks.setdefault(key, DeviceBuffer(torch.bool)).append(rows)
 
     def reset(self) -> None:
         """Forget every recorded position."""
-        self._lengths = dict.fromkeys(self._lengths, 0)
+        for buffer in self._masks.values():
+            buffer.reset()
 
     def fraction(self, start: int, end: int, row: int = 0) -> float | None:
         """The share of (position, capped layer) pairs in ``[start, end)`` that were raised.
 
         None when nothing was recorded there (no cap ran, or the range is empty).
         """
-        parts = [
-            self._masks[key][row, start : min(end, used)]
-            for key, used in self._lengths.items()
-            if min(end, used) > start
-        ]
+        parts = [buffer.row(row, start, end) for buffer in self._masks.values()]
+        parts = [p for p in parts if p.numel()]
         if not parts:
             return None
         return float(torch.cat(parts).float().mean())

@@ -24,6 +24,7 @@ from .alerts import Alert, AlertRules, AlertTracker
 from .axis import Axis
 from .calibration import Calibration
 from .chat import render_chat
+from .device_buffer import DeviceBuffer
 from .errors import PersonaCompassError
 from .layers import block_output, find_decoder_blocks, normalize_layer
 
@@ -135,10 +136,8 @@ class DriftMonitor:
         self.tracker = AlertTracker(rules, [on_alert] if on_alert is not None else [])
         self.turns: list[TurnReading] = []
         self._block = blocks[self.layer]
-        self._capacity = max(1, capacity)
-        self._buffer: torch.Tensor | None = None
+        self._buffer = DeviceBuffer(torch.float32, capacity)
         self._unit: torch.Tensor | None = None
-        self._n_tokens = 0
         self._handle: Any = None
 
     # -- context manager -------------------------------------------------------------------
@@ -168,22 +167,8 @@ class DriftMonitor:
         if self._unit is None or self._unit.device != hidden.device:
             self._unit = self.axis.unit(self.layer).to(hidden.device, torch.float32)
         proj = hidden.detach().float() @ self._unit  # (B, T): stays on the device
-        batch, steps = proj.shape
-        buf = self._buffer
-        if buf is None or buf.shape[0] != batch:
-            if buf is not None and self._n_tokens:
-                logger.warning(
-                    "batch size changed from %d to %d: readings reset", buf.shape[0], batch
-                )
-            buf = torch.empty(batch, max(self._capacity, steps), device=proj.device)
-            self._n_tokens = 0
-        elif self._n_tokens + steps > buf.shape[1]:
-            grown = torch.empty(batch, 2 * (self._n_tokens + steps), device=buf.device)
-            grown[:, : self._n_tokens] = buf[:, : self._n_tokens]
-            buf = grown
-        buf[:, self._n_tokens : self._n_tokens + steps] = proj
-        self._buffer = buf
-        self._n_tokens += steps
+        if self._buffer.append(proj):
+            logger.warning("batch size changed to %d: readings reset", proj.shape[0])
 
     # -- readings --------------------------------------------------------------------------
     @property
@@ -194,17 +179,18 @@ class DriftMonitor:
     @property
     def n_tokens(self) -> int:
         """Token positions recorded so far (per sequence)."""
-        return self._n_tokens
+        return self._buffer.length
 
     def token_projections(self) -> torch.Tensor:
         """Per-token projections so far: (batch, n_tokens) float32, on the model's device."""
-        if self._buffer is None:
+        data = self._buffer.data
+        if data is None:
             return torch.empty(0, 0)
-        return self._buffer[:, : self._n_tokens].clone()
+        return data[:, : self._buffer.length].clone()
 
     def reset(self) -> None:
         """Forget the token buffer (the hook stays attached; turns and alerts are kept)."""
-        self._n_tokens = 0
+        self._buffer.reset()
 
     @property
     def alerts(self) -> list[Alert]:
@@ -224,11 +210,10 @@ class DriftMonitor:
 
         ``percentiles=False`` skips the per-token percentiles (``None`` in the result).
         """
-        end = min(end, self._n_tokens)
         want = percentiles and self.calibration is not None
-        if self._buffer is None or end <= start:
+        values = self._buffer.row(row, start, end)
+        if values.numel() == 0:
             return TokenReadings([], [] if want else None)
-        values = self._buffer[row, start:end].float()
         pcts = None
         if want:
             assert self.calibration is not None

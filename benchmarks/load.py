@@ -173,6 +173,16 @@ def percentile(values: list[float], p: float) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[int(p) - 1]
 
 
+def latency_percentiles(ttft: list[float], per_token: list[float]) -> dict[str, float | None]:
+    """p50/p95 of time to first token and of per-token latency."""
+    return {
+        "ttft_p50_s": percentile(ttft, 50),
+        "ttft_p95_s": percentile(ttft, 95),
+        "per_token_p50_s": percentile(per_token, 50),
+        "per_token_p95_s": percentile(per_token, 95),
+    }
+
+
 @dataclass
 class Phase:
     label: str
@@ -202,12 +212,13 @@ class Phase:
             "lost": self.lost,
             "completion_tokens": self.tokens,
             "tokens_per_s": self.tokens / self.wall_s if self.wall_s > 0 else None,
-            "ttft_p50_s": percentile(self.ttft, 50),
-            "ttft_p95_s": percentile(self.ttft, 95),
-            "per_token_p50_s": percentile(self.per_token, 50),
-            "per_token_p95_s": percentile(self.per_token, 95),
+            **latency_percentiles(self.ttft, self.per_token),
             "error_samples": self.error_samples[:5],
         }
+
+
+def auth_headers(args: argparse.Namespace) -> dict[str, str]:
+    return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
 
 
 def request_body(client_id: int, n: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -224,7 +235,7 @@ def request_body(client_id: int, n: int, args: argparse.Namespace) -> dict[str, 
 async def run_phase(label: str, url: str, args: argparse.Namespace) -> Phase:
     """``args.clients`` clients send streaming requests back to back for ``args.duration`` s."""
     phase = Phase(label, url, args.clients, args.duration)
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    headers = auth_headers(args)
     limits = httpx.Limits(max_connections=args.clients + 2, max_keepalive_connections=args.clients)
     timeout = httpx.Timeout(args.duration + args.grace + 30, connect=10)
     start = time.perf_counter()
@@ -266,18 +277,16 @@ async def run_phase(label: str, url: str, args: argparse.Namespace) -> Phase:
 
 async def warm_up(url: str, args: argparse.Namespace) -> None:
     """One short request, not measured (first generations pay one-time costs)."""
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     async with httpx.AsyncClient(timeout=120) as client:
         body = request_body(0, 0, args) | {"max_tokens": min(8, args.max_tokens)}
-        outcome = await stream_once(client, url, body, headers)
+        outcome = await stream_once(client, url, body, auth_headers(args))
         if not outcome.ok:
             raise LoadError(f"the warm-up request to {url} failed: {outcome.error}")
 
 
 def server_info(url: str, args: argparse.Namespace) -> dict[str, Any]:
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
-        r = httpx.get(url + "/v1/compass", headers=headers, timeout=10)
+        r = httpx.get(url + "/v1/compass", headers=auth_headers(args), timeout=10)
         return r.json() if r.status_code == 200 else {"status": r.status_code}
     except httpx.HTTPError as exc:
         raise LoadError(f"cannot reach {url}: {exc}") from None
@@ -374,26 +383,13 @@ def aggregate(phases: list[Phase]) -> dict[str, Any]:
         values = [r[key] for r in rows if r[key] is not None]
         return statistics.median(values) if values else None
 
-    ttft = [v for p in phases for v in p.ttft]
-    per_token = [v for p in phases for v in p.per_token]
+    pooled = latency_percentiles(
+        [v for p in phases for v in p.ttft], [v for p in phases for v in p.per_token]
+    )
     return {
         "phases": len(phases),
-        "median": {
-            key: median_of(key)
-            for key in (
-                "tokens_per_s",
-                "ttft_p50_s",
-                "ttft_p95_s",
-                "per_token_p50_s",
-                "per_token_p95_s",
-            )
-        },
-        "pooled": {
-            "ttft_p50_s": percentile(ttft, 50),
-            "ttft_p95_s": percentile(ttft, 95),
-            "per_token_p50_s": percentile(per_token, 50),
-            "per_token_p95_s": percentile(per_token, 95),
-        },
+        "median": {key: median_of(key) for key in ("tokens_per_s", *pooled)},
+        "pooled": pooled,
         "sent": sum(p.sent for p in phases),
         "completed": sum(p.completed for p in phases),
         "errors": sum(p.errors for p in phases),
@@ -428,9 +424,9 @@ def print_table(configs: dict[str, dict[str, Any]]) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the load as configured; return the results (also written to ``args.out``)."""
     servers: list[SpawnedServer] = []
-    log_dir = Path(tempfile.mkdtemp(prefix="pc-load-"))
     try:
         if args.spawn:
+            log_dir = Path(tempfile.mkdtemp(prefix="pc-load-"))
             caps = [args.cap, args.cap_b] if args.compare else [args.cap]
             servers = [SpawnedServer(args, cap, log_dir) for cap in caps]
             for server in servers:

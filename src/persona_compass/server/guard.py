@@ -39,26 +39,23 @@ class GuardMiddleware:
         self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, metrics: Metrics
     ) -> None:
         self.app = app
-        self.api_key = api_key
+        self._key = None if api_key is None else api_key.encode()
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
 
     def _check(self, scope: Scope) -> RequestError | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key is not None and not _is_open(scope.get("path", "")):
-            auth = headers.get("authorization", "")
-            scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
+        if self._key is not None and not _is_open(scope.get("path", "")):
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            token = token.strip()
+            problem = None
+            if scheme.lower() != "bearer" or not token:
+                problem = "missing API key: send the header 'Authorization: Bearer <key>'"
+            elif not hmac.compare_digest(token.encode(), self._key):
+                problem = "incorrect API key"
+            if problem is not None:
                 return RequestError(
-                    "missing API key: send the header 'Authorization: Bearer <key>'",
-                    status=401,
-                    type="authentication_error",
-                    code="invalid_api_key",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-            if not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-                return RequestError(
-                    "incorrect API key",
+                    problem,
                     status=401,
                     type="authentication_error",
                     code="invalid_api_key",

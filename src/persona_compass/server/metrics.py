@@ -109,10 +109,6 @@ class Gauge(_Family):
         self._value = 0.0
         self._read = read
 
-    def set(self, value: float) -> None:
-        with self._lock:
-            self._value = float(value)
-
     def inc(self, amount: float = 1.0) -> None:
         with self._lock:
             self._value += amount
@@ -150,11 +146,6 @@ class Histogram(_Family):
                     self._counts[i] += 1
             self._sum += value
             self._count += 1
-
-    @property
-    def count(self) -> int:
-        with self._lock:
-            return self._count
 
     def samples(self) -> list[str]:
         with self._lock:

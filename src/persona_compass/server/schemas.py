@@ -14,12 +14,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
+
+from ..compass import CAP_MODES
+from ..interventions import Scale
 
 ROLES = ("system", "user", "assistant")
 ROLE_ALIASES = {"developer": "system"}  # newer OpenAI clients send "developer" for system
-CAP_VALUES = ("off", "on", "adaptive")
-SCALES = ("raw", "unit", "relative")
+SCALES: tuple[str, ...] = get_args(Scale)
 MAX_STOP = 16
 MAX_STOP_CHARS = 256
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.manual_seed accepts
@@ -159,9 +161,9 @@ def parse_compass(value: Any) -> CompassOptions:
     p = "persona_compass"
     data = _object(value, p, COMPASS_KEYS)
     cap = data.get("cap")
-    if cap is not None and cap not in CAP_VALUES:
+    if cap is not None and cap not in CAP_MODES:
         raise RequestError(
-            f"{p}.cap={cap!r} must be one of {', '.join(CAP_VALUES)}", param=f"{p}.cap"
+            f"{p}.cap={cap!r} must be one of {', '.join(CAP_MODES)}", param=f"{p}.cap"
         )
     capping = None
     if data.get("capping") is not None:

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..alerts import AlertRules, AlertRulesError
@@ -53,22 +53,9 @@ class Plan:
     steer: Steering | None
     rules: AlertRules
     policy: AdaptivePolicy | None
-    temperature: float
-    top_p: float
-    repetition_penalty: float
-    seed: int | None
-    max_tokens: int
+    sampling: SamplingConfig  # max_new_tokens: the asked (or default) max_tokens
     explicit_max_tokens: bool
     stop: tuple[str, ...]
-
-    def sampling(self, max_new_tokens: int) -> SamplingConfig:
-        return SamplingConfig(
-            max_new_tokens=max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            repetition_penalty=self.repetition_penalty,
-            seed=self.seed,
-        )
 
 
 class CompassState:
@@ -93,8 +80,16 @@ class CompassState:
         self.created = int(time.time())
         self._caps: OrderedDict[tuple[tuple[int, ...], float], CappingConfig] = OrderedDict()
         self._caps_lock = threading.Lock()
+        self._info = self._compass_info()  # fixed for the server's life
 
     # -- settings ---------------------------------------------------------------------------
+    def _layers(self, spec: Any, param: str) -> tuple[int, ...]:
+        """A request's layer selection, normalised against the axis (400 naming ``param``)."""
+        try:
+            return tuple(normalize_layers(spec, self.axis.n_layers))
+        except (PersonaCompassError, ValueError) as exc:
+            raise RequestError(str(exc), param=param) from None
+
     def calibrated_cap(self, spec: CappingSpec) -> CappingConfig:
         """A capping config for a window and percentile, from the axis calibration (cached)."""
         param = "persona_compass.capping"
@@ -112,10 +107,7 @@ class CompassState:
         if percentile is None:
             meta = base.metadata.get("percentile") if base is not None else None
             percentile = float(meta) if isinstance(meta, (int, float)) else DEFAULT_PERCENTILE
-        try:
-            layers = tuple(normalize_layers(layers_spec, self.axis.n_layers))
-        except (PersonaCompassError, ValueError) as exc:
-            raise RequestError(str(exc), param=f"{param}.layers") from None
+        layers = self._layers(layers_spec, f"{param}.layers")
         if self.axis.calibration is None:
             raise RequestError(
                 f"{param} needs the axis calibration, and this bundle has none",
@@ -157,12 +149,7 @@ class CompassState:
         if opts.steering is not None:
             sp = opts.steering
             param = "persona_compass.steering"
-            layers = None
-            if sp.layers is not None:
-                try:
-                    layers = tuple(normalize_layers(sp.layers, self.axis.n_layers))
-                except (PersonaCompassError, ValueError) as exc:
-                    raise RequestError(str(exc), param=f"{param}.layers") from None
+            layers = None if sp.layers is None else self._layers(sp.layers, f"{param}.layers")
             if sp.scale == "relative" and self.axis.residual_norms is None:
                 raise RequestError(
                     "steering scale 'relative' needs the axis' residual norms, and this bundle "
@@ -185,7 +172,16 @@ class CompassState:
                 policy = AdaptivePolicy(**opts.policy)
             except CompassError as exc:
                 raise RequestError(str(exc), param="persona_compass.policy") from None
-        defaults = SamplingConfig()
+        overrides = {
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "repetition_penalty": req.repetition_penalty,
+        }
+        sampling = SamplingConfig(
+            max_new_tokens=self.default_max_tokens if req.max_tokens is None else req.max_tokens,
+            seed=req.seed,
+            **{k: v for k, v in overrides.items() if v is not None},
+        )
         return Plan(
             messages=req.messages,
             mode=mode,
@@ -193,15 +189,7 @@ class CompassState:
             steer=steer,
             rules=rules,
             policy=policy,
-            temperature=defaults.temperature if req.temperature is None else req.temperature,
-            top_p=defaults.top_p if req.top_p is None else req.top_p,
-            repetition_penalty=(
-                defaults.repetition_penalty
-                if req.repetition_penalty is None
-                else req.repetition_penalty
-            ),
-            seed=req.seed,
-            max_tokens=self.default_max_tokens if req.max_tokens is None else req.max_tokens,
+            sampling=sampling,
             explicit_max_tokens=req.max_tokens is not None,
             stop=req.stop,
         )
@@ -218,7 +206,7 @@ class CompassState:
         """Check the prompt against the context length, then :func:`respond`."""
         messages = [dict(m) for m in plan.messages]
         n_prompt = len(render_chat(self.tokenizer, messages, add_generation_prompt=True).input_ids)
-        max_new = plan.max_tokens
+        max_new = plan.sampling.max_new_tokens
         window = context_length(self.model)
         if window is not None:
             room = window - n_prompt
@@ -242,7 +230,7 @@ class CompassState:
             rules=plan.rules,
             policy=plan.policy,
             steer=plan.steer,
-            sampling=plan.sampling(max_new),
+            sampling=replace(plan.sampling, max_new_tokens=max_new),
             stop=plan.stop,
             on_delta=on_delta,
             cancel=cancel,
@@ -273,6 +261,9 @@ class CompassState:
 
     def compass_info(self) -> dict[str, Any]:
         """``GET /v1/compass``: the monitor layer's calibration bands and the settings."""
+        return self._info
+
+    def _compass_info(self) -> dict[str, Any]:
         cal = self.axis.calibration
         layer = self.axis.layer
         bands: dict[str, float | None] = {}

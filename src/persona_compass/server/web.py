@@ -6,6 +6,7 @@ external URL. The server module mounts it with ``app.include_router(router)``.
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException
@@ -28,14 +29,21 @@ CSP = (
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 
+_PAGE_HEADERS = {**_NO_CACHE, "Content-Security-Policy": CSP}
+
 router = APIRouter(include_in_schema=False)
+
+
+@cache
+def _page() -> str:
+    """The page's HTML, read once (package data does not change while the server runs)."""
+    return (STATIC_DIR / "index.html").read_text(encoding="utf-8")
 
 
 @router.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
 def index() -> HTMLResponse:
     """The chat page with the live drift chart."""
-    html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
-    return HTMLResponse(html, headers={**_NO_CACHE, "Content-Security-Policy": CSP})
+    return HTMLResponse(_page(), headers=_PAGE_HEADERS)
 
 
 @router.api_route("/static/{name}", methods=["GET", "HEAD"])

@@ -40,7 +40,6 @@ class Job:
         self.fn = fn
         self.cancel = threading.Event()
         self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self.started_at: float | None = None
 
     def abandon(self) -> None:
         """The caller is gone: skip the job if it is still waiting, stop it if it runs."""
@@ -143,7 +142,7 @@ class GenerationWorker:
             if not job.future.set_running_or_notify_cancel():
                 continue  # abandoned while waiting
             self._current = job
-            job.started_at = time.perf_counter()
+            started = time.perf_counter()
             try:
                 result = job.fn(job.cancel)
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
@@ -151,5 +150,5 @@ class GenerationWorker:
             else:
                 job.future.set_result(result)
             finally:
-                self._durations.append(time.perf_counter() - job.started_at)
+                self._durations.append(time.perf_counter() - started)
                 self._current = None

@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: statistics, machine facts, atomic JSON output."""
+"""Helpers shared by the benchmarks: statistics, machine facts, dtype choices."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import os
 import platform
 import statistics
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
 
-from persona_compass.atomic import write_json
+# The --dtype choices of the benchmarks.
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 def summary(values: Sequence[float]) -> dict[str, float]:
@@ -30,11 +30,6 @@ def summary(values: Sequence[float]) -> dict[str, float]:
         "q3": q3,
         "n": len(vals),
     }
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON atomically (temporary sibling, fsync, ``os.replace``)."""
-    write_json(path, data)
 
 
 def cpu_model_name() -> str:

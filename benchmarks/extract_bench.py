@@ -41,8 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import compare, fmt_spread, machine_info, summary, write_json_atomic
+from common import DTYPES, compare, fmt_spread, machine_info, summary
 
+from persona_compass.atomic import write_json
 from persona_compass.generation import SamplingConfig, generate_chat
 from persona_compass.models import load_model
 from persona_compass.persona_space.catalogue import DEFAULT_ROLE, load_catalogue
@@ -58,7 +59,6 @@ VARIANTS: dict[str, str] = {
     "two_pass": "two-pass: generate_chat, then record_span_means",
 }
 TARGET_RATIO = 1.2  # the target: single-pass rollouts/s >= 1.2x the two-pass baseline
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None, *, model: Any = None, tokenizer: Any = N
         "wall_seconds": time.perf_counter() - t_start,
         "output_path": str(out_path),
     }
-    write_json_atomic(out_path, result)
+    write_json(out_path, result)
     print_table(result)
     return 0
 

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import compare, fmt_spread, machine_info, write_json_atomic
+from common import DTYPES, compare, fmt_spread, machine_info
 from decode import (
     EngagementCounter,
     PassthroughModel,
@@ -59,6 +59,7 @@ from decode import (
 )
 from extract_bench import main as extract_main
 
+from persona_compass.atomic import write_json
 from persona_compass.axis import Axis, model_fingerprint
 from persona_compass.capping import CappingConfig
 from persona_compass.interventions import capping
@@ -84,7 +85,6 @@ TARGET_RATIO = 0.97  # the issue's target: (b) and (c) within 3% of (a)
 MONITOR_VARIANT = "e"
 MONITOR_TARGET_RATIO = 0.98  # the target: the live monitor alone within 2% of (a)
 TARGETS = {"b": TARGET_RATIO, "c": TARGET_RATIO, MONITOR_VARIANT: MONITOR_TARGET_RATIO}
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -584,7 +584,7 @@ def run_decode(args: argparse.Namespace) -> tuple[Any, Any]:
         "wall_seconds": time.perf_counter() - t_start,
         "output_path": str(out_path),
     }
-    write_json_atomic(out_path, result)
+    write_json(out_path, result)
     print_table(result)
     return model, tokenizer
 

@@ -92,16 +92,12 @@ def generate_chat(
     prompts = [
         render_chat(tokenizer, list(c), add_generation_prompt=True).input_ids for c in conversations
     ]
-    pad_id = (
-        tokenizer.pad_token_id
-        if tokenizer.pad_token_id is not None
-        else eos_ids(model, tokenizer)[0]
-    )
+    stops = eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     device = next(model.parameters()).device
     batch = left_pad(prompts, pad_id, device)
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
-    stops = eos_ids(model, tokenizer)
     out = model.generate(  # type: ignore[operator]
         **batch,
         max_new_tokens=sampling.max_new_tokens,

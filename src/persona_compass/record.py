@@ -228,13 +228,14 @@ def generated_content_mask(
     return stop.cumsum(-1) == 0
 
 
-def _input_embeddings(model: nn.Module) -> object:
+def input_embeddings(model: nn.Module) -> object:
+    """What ``model.get_input_embeddings()`` returns, or None when the model has no such method."""
     get = getattr(model, "get_input_embeddings", None)
     return get() if callable(get) else None
 
 
 def _input_device(model: nn.Module) -> torch.device:
-    embeddings = _input_embeddings(model)
+    embeddings = input_embeddings(model)
     if isinstance(embeddings, nn.Module):
         return next(embeddings.parameters()).device
     return next(model.parameters()).device
@@ -340,7 +341,7 @@ def _hidden_size(model: nn.Module) -> int:
     size = getattr(getattr(model, "config", None), "hidden_size", None)
     if isinstance(size, int):
         return size
-    embeddings = _input_embeddings(model)
+    embeddings = input_embeddings(model)
     weight = getattr(embeddings, "weight", None)
     if isinstance(weight, torch.Tensor):
         return int(weight.shape[-1])

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import PersonaCompassError
-from ..record import LayerSelection, SpanMeanRecorder
+from ..record import LayerSelection, SpanMeanRecorder, input_embeddings
 
 
 class GenerationCapture:
@@ -53,8 +53,7 @@ class GenerationCapture:
         *,
         block_path: str | None = None,
     ) -> None:
-        get_embeddings = getattr(model, "get_input_embeddings", None)
-        embeddings = get_embeddings() if callable(get_embeddings) else None
+        embeddings = input_embeddings(model)
         if not isinstance(embeddings, nn.Module):
             raise PersonaCompassError(
                 f"{type(model).__name__} has no input embedding module; single-pass capture "
@@ -93,14 +92,14 @@ class GenerationCapture:
             return
         if self._alive is None:  # the prompt's forward: nothing to count yet
             self._alive = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+            self._stop_ids = self._stop_ids.to(ids.device)  # once, not per decode step
             return
         if ids.shape[1] != 1:
             raise PersonaCompassError(
                 f"single-pass capture expects one new token per decode step, got {ids.shape[1]}; "
                 "speculative or assisted decoding is not supported here"
             )
-        stops = self._stop_ids.to(ids.device)
-        content = self._alive & ~torch.isin(ids[:, 0], stops)
+        content = self._alive & ~torch.isin(ids[:, 0], self._stop_ids)
         self._alive = content  # a row that fed its end-of-turn token stays finished
         self.recorder.set_mask(content[:, None])
 

@@ -374,3 +374,7 @@ def test_config_copies_and_pickles(axis):
         assert equal_configs(clone, cfg)
         with pytest.raises(TypeError):
             clone.metadata["x"] = 1
+
+
+def test_load_optional_is_none_without_a_capping_file(tmp_path):
+    assert CappingConfig.load_optional(tmp_path) is None

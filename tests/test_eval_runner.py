@@ -20,6 +20,7 @@ from persona_compass.evaluation.capability import (
 from persona_compass.evaluation.conditions import (
     ConditionError,
     build_capping,
+    check_condition,
     condition_slug,
     parse_condition,
     parse_conditions,
@@ -197,6 +198,10 @@ def test_capping_configs_from_conditions(tiny_eval):
         build_capping(parse_condition("capped"), axis, None)
     with pytest.raises(ConditionError, match="go past"):
         build_capping(parse_condition("cap:2:9"), axis, shipped)
+    # checking a condition hands back the config it built
+    assert check_condition(parse_condition("capped"), axis, shipped) is shipped
+    checked = check_condition(parse_condition("cap:1:3@p25"), axis, shipped)
+    assert checked is not None and checked.thresholds == cfg.thresholds
 
 
 # --------------------------------------------------------------------------- runs

@@ -19,6 +19,7 @@ from persona_compass.evaluation.scenarios import (
     load_scenarios,
     parse_scenarios,
     save_scenarios,
+    select_scenarios,
 )
 
 
@@ -104,6 +105,15 @@ def test_select_by_domain_and_id():
     everything = load_scenarios()
     picked = load_scenarios(ids=[everything[5].id, everything[1].id])
     assert [s.id for s in picked] == [everything[1].id, everything[5].id]  # file order
+
+
+def test_select_from_loaded_scenarios_matches_loading_a_selection():
+    everything = load_scenarios()
+    for kwargs in ({"domains": ["coding", "therapy"]}, {"ids": [everything[3].id]}):
+        assert select_scenarios(everything, **kwargs) == load_scenarios(**kwargs)
+    with pytest.raises(ScenarioError) as err:
+        select_scenarios(everything[:2], ids=["nope"], label="my-file.json")
+    assert "'nope'" in str(err.value) and "my-file.json" in str(err.value)
 
 
 def test_unknown_domain_lists_the_valid_ones():

@@ -544,6 +544,13 @@ class CappingConfig:
         return folder / CAPPING_FILE
 
     @classmethod
+    def load_optional(cls, bundle_dir: str | os.PathLike[str]) -> CappingConfig | None:
+        """The bundle's capping config, or None when the bundle has no ``capping.json``."""
+        if not (Path(bundle_dir) / CAPPING_FILE).is_file():
+            return None
+        return cls.load(bundle_dir)
+
+    @classmethod
     def load(cls, bundle_dir: str | os.PathLike[str]) -> CappingConfig:
         """Read ``capping.json`` from a bundle folder (or the file itself)."""
         path = Path(bundle_dir)

@@ -18,7 +18,7 @@ from .common import alert_rules_option, parse_alert_rules
 
 def _select_scenarios(spec: str | None, scenario_file: Path | None) -> tuple[list[Any], str]:
     """``--scenarios``: a JSON file, or a comma list of ids and/or domains (union)."""
-    from ..evaluation.scenarios import DOMAINS, load_scenarios
+    from ..evaluation.scenarios import DOMAINS, PACKAGE_LABEL, load_scenarios, select_scenarios
 
     source = str(scenario_file) if scenario_file else "shipped"
     if spec and (spec.endswith(".json") or Path(spec).is_file()):
@@ -33,15 +33,18 @@ def _select_scenarios(spec: str | None, scenario_file: Path | None) -> tuple[lis
     tokens = [t.strip() for t in spec.split(",") if t.strip()]
     domains = [t.lower() for t in tokens if t.lower() in DOMAINS]
     ids = [t for t in tokens if t.lower() not in DOMAINS]
+    label = str(scenario_file.expanduser()) if scenario_file else PACKAGE_LABEL
     if ids:
-        load_scenarios(scenario_file, ids=ids)  # raises with the valid ids for unknown ones
+        select_scenarios(everything, ids=ids, label=label)  # raises naming the valid ids
     if domains:
-        load_scenarios(scenario_file, domains=domains)  # raises when a domain has none
+        select_scenarios(everything, domains=domains, label=label)  # raises when one has none
     chosen = [s for s in everything if s.domain in domains or s.id in ids]
     return chosen, f"{source}: {spec}"
 
 
 def _print_summary(console: Console, results: dict[str, Any], written: dict[str, Path]) -> None:
+    from ..evaluation.report_markdown import fmt_interval, fmt_number, fmt_share
+
     table = Table(title=f"{results['n_runs']} runs of {results['n_planned']} planned")
     for col in (
         "condition",
@@ -54,25 +57,16 @@ def _print_summary(console: Console, results: dict[str, Any], written: dict[str,
     ):
         table.add_column(col)
     cap = {r["condition"]: r for r in (results.get("capability") or {}).get("conditions", [])}
-
-    def f(x: Any, d: int = 1) -> str:
-        return "-" if x is None else f"{x:.{d}f}"
-
     for row in results["by_condition"]:
         c = cap.get(row["condition"], {})
-        delta = "-"
-        if c.get("delta") is not None:
-            delta = f(c["delta"], 3)
-            if c.get("delta_low") is not None:
-                delta += f" [{f(c['delta_low'], 3)}, {f(c['delta_high'], 3)}]"
         table.add_row(
             row["condition"],
             str(row["n_runs"]),
-            f(row["mean_percentile"]),
-            f(row["slope_percentile"], 2),
-            "-" if row["share_below_p25"] is None else f"{100 * row['share_below_p25']:.0f}%",
-            "-" if row["harm_rate"] is None else f"{100 * row['harm_rate']:.0f}%",
-            delta,
+            fmt_number(row["mean_percentile"]),
+            fmt_number(row["slope_percentile"], 2),
+            fmt_share(row["share_below_p25"]),
+            fmt_share(row["harm_rate"]),
+            fmt_interval(c.get("delta"), c.get("delta_low"), c.get("delta_high"), 3),
         )
     console.print(table)
     for name, path in written.items():
@@ -241,10 +235,11 @@ def evaluate(
         wins = parse_windows(windows)
         pcts = parse_percentiles(percentiles)
         extra = parse_conditions(conditions) if conditions else []
+        taken = {e.name for e in extra}
         conds = [
-            *(c for c in parse_conditions(BASELINE) if c.name not in {e.name for e in extra}),
+            *(c for c in parse_conditions(BASELINE) if c.name not in taken),
             *extra,
-            *(c for c in sweep_conditions(wins, pcts) if c.name not in {e.name for e in extra}),
+            *(c for c in sweep_conditions(wins, pcts) if c.name not in taken),
         ]
         sweep_info = {"windows": wins, "percentiles": pcts}
     else:

@@ -58,13 +58,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PersonaCompassError
-from .data_files import load_item_rows, package_label
+from .data_files import load_item_rows
 
 MATCH_MODES: tuple[str, ...] = ("number", "exact", "word")
 """How a reply is compared with the answer (see the module docstring)."""
 
 CAPABILITY_FILE = "capability.json"
-PACKAGE_LABEL = package_label(CAPABILITY_FILE)
 Z95 = 1.959963984540054
 """The two-sided 95% quantile of the standard normal distribution."""
 

@@ -290,13 +290,18 @@ def parse_conditions(specs: str | Iterable[str]) -> list[Condition]:
     return out
 
 
-def check_condition(condition: Condition, axis: Axis, bundle_capping: CappingConfig | None) -> None:
+def check_condition(
+    condition: Condition, axis: Axis, bundle_capping: CappingConfig | None
+) -> CappingConfig | None:
     """Check that the bundle can serve a condition (capping config, calibration, layers).
+
+    Returns:
+        The condition's capping config (:func:`build_capping`), built while checking.
 
     Raises:
         ConditionError: with what is missing and what to use instead.
     """
-    build_capping(condition, axis, bundle_capping)
+    cfg = build_capping(condition, axis, bundle_capping)
     if condition.steering is not None and condition.steering.layers is not None:
         bad = [x for x in condition.steering.layers if x >= axis.n_layers]
         if bad:
@@ -310,6 +315,7 @@ def check_condition(condition: Condition, axis: Axis, bundle_capping: CappingCon
                 f"condition {condition.name!r} uses relative steering, but the bundle records "
                 "no residual norms; use /raw or /unit"
             )
+    return cfg
 
 
 def build_capping(

@@ -15,6 +15,12 @@ def package_label(name: str) -> str:
     return f"<package>/evaluation/data/{name}"
 
 
+def read_shipped(name: str) -> str:
+    """The text of the shipped data file ``evaluation/data/<name>``."""
+    source = resources.files(__package__ or "persona_compass.evaluation")
+    return source.joinpath("data").joinpath(name).read_text(encoding="utf-8")
+
+
 def load_item_rows(
     path: str | Path | None, *, shipped: str, what: str, error: type[Exception]
 ) -> tuple[Sequence[Any], str]:
@@ -32,8 +38,7 @@ def load_item_rows(
     """
     if path is None:
         label = package_label(shipped)
-        source = resources.files(__package__ or "persona_compass.evaluation")
-        text = source.joinpath("data").joinpath(shipped).read_text(encoding="utf-8")
+        text = read_shipped(shipped)
     else:
         file = Path(path).expanduser()
         label = str(file)

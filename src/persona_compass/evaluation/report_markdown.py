@@ -9,22 +9,25 @@ from typing import Any
 from .scenarios import DOMAINS
 
 
-def _f(x: Any, digits: int = 1) -> str:
+def fmt_number(x: Any, digits: int = 1) -> str:
+    """``x`` with ``digits`` decimals; ``-`` for None or a non-finite number."""
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "-"
     return f"{x:.{digits}f}"
 
 
-def _pct(x: Any) -> str:
+def fmt_share(x: Any) -> str:
+    """A 0..1 share as a whole percentage; ``-`` for None."""
     return "-" if x is None else f"{100 * x:.0f}%"
 
 
-def _ci(mean: Any, lo: Any, hi: Any, digits: int = 1) -> str:
+def fmt_interval(mean: Any, lo: Any, hi: Any, digits: int = 1) -> str:
+    """``mean [lo, hi]`` (the mean alone without both bounds); ``-`` for no mean."""
     if mean is None:
         return "-"
     if lo is None or hi is None:
-        return _f(mean, digits)
-    return f"{_f(mean, digits)} [{_f(lo, digits)}, {_f(hi, digits)}]"
+        return fmt_number(mean, digits)
+    return f"{fmt_number(mean, digits)} [{fmt_number(lo, digits)}, {fmt_number(hi, digits)}]"
 
 
 def _rate(row: Mapping[str, Any], key: str) -> str:
@@ -113,12 +116,12 @@ def render_markdown(results: Mapping[str, Any], charts: Mapping[str, str]) -> st
             r["domain"],
             r["condition"],
             str(r["n_runs"]),
-            _ci(r["mean_percentile"], r["mean_percentile_low"], r["mean_percentile_high"]),
-            _f(r["slope_percentile"], 2),
-            _f(r["slope_projection"], 2),
-            _pct(r["share_below_p25"]),
-            _pct(r["mean_cap_engagement"]),
-            _f(r["alerts_per_run"], 1),
+            fmt_interval(r["mean_percentile"], r["mean_percentile_low"], r["mean_percentile_high"]),
+            fmt_number(r["slope_percentile"], 2),
+            fmt_number(r["slope_projection"], 2),
+            fmt_share(r["share_below_p25"]),
+            fmt_share(r["mean_cap_engagement"]),
+            fmt_number(r["alerts_per_run"], 1),
             _rate(r, "harm"),
             _rate(r, "harmful_compliance"),
             _rate(r, "delusion_validation"),
@@ -145,10 +148,12 @@ def render_markdown(results: Mapping[str, Any], charts: Mapping[str, str]) -> st
                 r["condition"],
                 str(r["n_runs"]),
                 str(r["n_answers"]),
-                _ci(r["mean_percentile"], r["mean_percentile_low"], r["mean_percentile_high"]),
-                _f(r["slope_percentile"], 2),
-                _pct(r["share_below_p25"]),
-                _pct(r["harm_rate"]),
+                fmt_interval(
+                    r["mean_percentile"], r["mean_percentile_low"], r["mean_percentile_high"]
+                ),
+                fmt_number(r["slope_percentile"], 2),
+                fmt_share(r["share_below_p25"]),
+                fmt_share(r["harm_rate"]),
                 _rate(r, "harm"),
             ]
             for r in results["by_condition"]
@@ -177,7 +182,7 @@ def render_markdown(results: Mapping[str, Any], charts: Mapping[str, str]) -> st
                         r["condition"],
                         label,
                         str(r["n_pairs"]),
-                        _ci(r["difference"], r["low"], r["high"], digits),
+                        fmt_interval(r["difference"], r["low"], r["high"], digits),
                     ]
                 )
         lines += _table(["condition", "metric", "pairs", "difference [95% CI]"], prow)
@@ -199,9 +204,9 @@ def render_markdown(results: Mapping[str, Any], charts: Mapping[str, str]) -> st
                 [
                     r["condition"],
                     metric.replace("_", " "),
-                    f"{_f(r['low_mean'], digits)} (n={r['n_low']})",
-                    f"{_f(r['high_mean'], digits)} (n={r['n_high']})",
-                    _ci(r["difference"], r["ci_low"], r["ci_high"], digits),
+                    f"{fmt_number(r['low_mean'], digits)} (n={r['n_low']})",
+                    f"{fmt_number(r['high_mean'], digits)} (n={r['n_high']})",
+                    fmt_interval(r["difference"], r["ci_low"], r["ci_high"], digits),
                 ]
             )
     lines += _table(
@@ -230,9 +235,9 @@ def render_markdown(results: Mapping[str, Any], charts: Mapping[str, str]) -> st
                     r["condition"] + (f" (= {r['same_as']})" if r.get("same_as") else ""),
                     "missing"
                     if r.get("missing")
-                    else _ci(r.get("accuracy"), r.get("low"), r.get("high"), 3),
+                    else fmt_interval(r.get("accuracy"), r.get("low"), r.get("high"), 3),
                     "-" if r.get("missing") else f"{r.get('correct')}/{r.get('n')}",
-                    _ci(r.get("delta"), r.get("delta_low"), r.get("delta_high"), 3)
+                    fmt_interval(r.get("delta"), r.get("delta_low"), r.get("delta_high"), 3)
                     if r["condition"] != cap["baseline"]
                     else "(baseline)",
                 ]
@@ -263,12 +268,14 @@ def render_markdown(results: Mapping[str, Any], charts: Mapping[str, str]) -> st
                     "-"
                     if r["window"] is None
                     else f"{r['window'][0]}..{r['window'][1] - 1} ({r['n_layers']})",
-                    _f(r["percentile"], 0),
-                    f"{_pct(r['harm_rate'])} (n={r['harm_judged']})",
-                    _f(r["mean_percentile"]),
-                    _pct(r["share_below_p25"]),
-                    _f(r["capability_accuracy"], 3),
-                    _ci(r["capability_delta"], r["capability_low"], r["capability_high"], 3),
+                    fmt_number(r["percentile"], 0),
+                    f"{fmt_share(r['harm_rate'])} (n={r['harm_judged']})",
+                    fmt_number(r["mean_percentile"]),
+                    fmt_share(r["share_below_p25"]),
+                    fmt_number(r["capability_accuracy"], 3),
+                    fmt_interval(
+                        r["capability_delta"], r["capability_low"], r["capability_high"], 3
+                    ),
                 ]
                 for r in sweep["rows"]
             ],

@@ -68,14 +68,10 @@ def _turn_records(data: Mapping[str, Any]) -> tuple[list[TurnRecord], list[dict[
     return records, details
 
 
-def _capability(out: Path, settings: Mapping[str, Any]) -> dict[str, Any] | None:
+def _capability(out: Path, settings: Mapping[str, Any], base_name: str) -> dict[str, Any] | None:
     if not settings.get("capability") or not settings.get("capability_n_items"):
         return None
     conds = settings["conditions"]
-    base_cond = next(
-        (c for c in conds if c["mode"] == "off" and not c["steering"]), {"name": BASELINE}
-    )
-    base_name = base_cond["name"]
 
     def load(name: str) -> list[dict[str, Any]] | None:
         data = read_unit(capability_path(out, name), CAPABILITY_FORMAT)
@@ -250,7 +246,7 @@ def collect_results(out_dir: str | Path) -> dict[str, Any]:
             metric: domain_contrast(runs, LOW_DOMAINS, HIGH_DOMAINS, metric)
             for metric in ("mean_percentile", "slope_percentile")
         },
-        "capability": _capability(out, settings),
+        "capability": _capability(out, settings, baseline or BASELINE),
         "timing": {
             "answers": len(seconds),
             "mean_answer_seconds": sum(seconds) / len(seconds) if seconds else None,

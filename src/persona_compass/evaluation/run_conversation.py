@@ -20,7 +20,7 @@ from .conditions import Condition
 from .outcome_types import OutcomeItem
 from .run_store import RUN_FORMAT, EvaluationError, EvaluationResult
 from .scenarios import Scenario
-from .users import ScriptedUser, make_user
+from .users import make_user
 
 
 def scenario_seed(seed: int, scenario_id: str) -> int:
@@ -34,17 +34,13 @@ def _outcome_items(
     scenario: Scenario, messages: Sequence[dict[str, str]], answers: Sequence[str]
 ) -> list[OutcomeItem]:
     """One judge item per assistant answer: (domain, the user turn before it, the answer)."""
-    out = []
-    k = 0
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        prev = next(
-            (messages[j]["content"] for j in range(i - 1, -1, -1) if messages[j]["role"] == "user"),
-            "",
-        )
-        out.append(OutcomeItem(scenario.domain, prev, answers[k]))
-        k += 1
+    out: list[OutcomeItem] = []
+    prev = ""
+    for m in messages:
+        if m["role"] == "user":
+            prev = m["content"]
+        elif m["role"] == "assistant":
+            out.append(OutcomeItem(scenario.domain, prev, answers[len(out)]))
     return out
 
 
@@ -101,10 +97,7 @@ def run_conversation_unit(
         system_prompt=settings["system_prompt"],
         steer=condition.steering,
     )
-    if backend is None:
-        user: Any = ScriptedUser(scenario, max_turns=n_turns)
-    else:
-        user = make_user(backend, scenario, max_turns=n_turns)
+    user = make_user(backend, scenario, max_turns=n_turns)
     records: list[dict[str, Any]] = []
     answers: list[str] = []
     label = f"{scenario.id} / {condition.name}"

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic import read_json_object
 from ..capping import CAPPING_FILE, CappingConfig
 from ..errors import PersonaCompassError
 from .capability import CapabilityItem
@@ -130,11 +131,8 @@ def read_settings(out_dir: str | Path) -> dict[str, Any]:
     path = Path(out_dir) / SETTINGS_FILE
     if not path.is_file():
         raise EvaluationError(f"{path} does not exist; is {out_dir} an evaluation folder?")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise EvaluationError(f"{path}: unreadable ({exc})") from None
-    if not isinstance(data, dict) or data.get("format") != SETTINGS_FORMAT:
+    data = read_json_object(path, EvaluationError)
+    if data.get("format") != SETTINGS_FORMAT:
         raise EvaluationError(f"{path} is not a persona-compass evaluation settings file")
     return data
 

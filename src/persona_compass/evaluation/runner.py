@@ -30,6 +30,7 @@ This module plans and drives them, and re-exports their public names.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -41,7 +42,7 @@ from ..alerts import AlertRules
 from ..atomic import write_json
 from ..axis import Axis, model_fingerprint
 from ..bundles import resolve_bundle
-from ..capping import CAPPING_FILE, CappingConfig
+from ..capping import CappingConfig
 from ..compass import AdaptivePolicy
 from ..generation import SamplingConfig
 from .capability import CapabilityItem, load_capability_items
@@ -49,7 +50,6 @@ from .conditions import (
     BASELINE,
     DEFAULT_CONDITIONS,
     Condition,
-    build_capping,
     check_condition,
     parse_condition,
     parse_conditions,
@@ -183,6 +183,23 @@ def _resolve_conditions(conditions: str | Sequence[str | Condition]) -> list[Con
     return out
 
 
+def _reusable_unit(
+    path: Path, fmt: str, key: str, force: bool, clash: str
+) -> dict[str, Any] | None:
+    """The complete unit at ``path`` when it was made with ``key``; None when there is none or
+    (with ``force``) it was made otherwise, to be redone.
+
+    Raises:
+        EvaluationError: it was made otherwise and ``force`` is off (``{path} {clash}``).
+    """
+    existing = read_unit(path, fmt)
+    if existing is not None and existing["evaluation"].get("key") != key:
+        if not force:
+            raise EvaluationError(f"{path} {clash}")
+        return None
+    return existing
+
+
 def run_evaluation(
     axis_path: str | Path,
     out_dir: str | Path,
@@ -301,10 +318,8 @@ def run_evaluation(
         axis = Axis.load(folder)
         axis.check_model(model)
         spec = model_spec or axis.model_id or "model"
-    bundle_cap = CappingConfig.load(folder) if (folder / CAPPING_FILE).is_file() else None
-    for cond in conds:
-        check_condition(cond, axis, bundle_cap)
-    caps = {c.name: build_capping(c, axis, bundle_cap) for c in conds}
+    bundle_cap = CappingConfig.load_optional(folder)
+    caps = {c.name: check_condition(c, axis, bundle_cap) for c in conds}
 
     items: list[CapabilityItem] = []
     if capability:
@@ -335,11 +350,7 @@ def run_evaluation(
         "seed": seed,
         "system_prompt": system_prompt,
         "rules": rules.to_dict(),
-        "policy": {
-            "release_percentile": policy.release_percentile,
-            "release_turns": policy.release_turns,
-            "release_engagement": policy.release_engagement,
-        },
+        "policy": dataclasses.asdict(policy),
         "capability_max_new_tokens": capability_max_new_tokens,
         "capability_items_digest": items_digest(items) if items else None,
         # the selection: may change between runs
@@ -357,7 +368,8 @@ def run_evaluation(
         "sweep": sweep,
         "command": command,
     }
-    settings["settings_digest"] = json_digest({k: settings.get(k) for k in GENERATION_KEYS})
+    gen_settings = {k: settings[k] for k in GENERATION_KEYS}
+    settings["settings_digest"] = json_digest(gen_settings)
     check_settings(out, settings, force=force)
     out.mkdir(parents=True, exist_ok=True)
     (out / RUNS_DIR).mkdir(exist_ok=True)
@@ -365,7 +377,6 @@ def run_evaluation(
 
     result = EvaluationResult(out, settings)
     backend = make_user_backend(user, model=model, tokenizer=tokenizer)
-    gen_settings = {k: settings[k] for k in GENERATION_KEYS}
 
     # plan: scenario-major, so that interrupted runs leave complete pairs
     plan: list[tuple[Scenario, Condition, str, Path, dict[str, Any] | None]] = []
@@ -380,14 +391,14 @@ def run_evaluation(
                 }
             )
             path = run_path(out, scen.id, cond.name)
-            existing = read_unit(path, RUN_FORMAT)
-            if existing is not None and existing["evaluation"].get("key") != key:
-                if not force:
-                    raise EvaluationError(
-                        f"{path} was made with other settings or another scenario/condition "
-                        "text than this run's; pass --force to redo it, or choose a new --out"
-                    )
-                existing = None
+            existing = _reusable_unit(
+                path,
+                RUN_FORMAT,
+                key,
+                force,
+                "was made with other settings or another scenario/condition text than this "
+                "run's; pass --force to redo it, or choose a new --out",
+            )
             plan.append((scen, cond, key, path, existing))
     result.planned = len(plan)
 
@@ -396,24 +407,23 @@ def run_evaluation(
         measured = [c for c in conds if c.modifies_single_turn]
         base = next((c for c in conds if c.is_baseline), parse_condition(BASELINE))
         for cond in [base, *measured]:
-            cfg = caps.get(cond.name) if cond.name in caps else None
             key = json_digest(
                 {
                     "settings": gen_settings,
                     "items": settings["capability_items_digest"],
                     "n": len(items),
                     "condition": cond.to_dict(),
-                    "capping": capping_digest(cfg),
+                    "capping": capping_digest(caps.get(cond.name)),
                 }
             )
             path = capability_path(out, cond.name)
-            existing = read_unit(path, CAPABILITY_FORMAT)
-            if existing is not None and existing["evaluation"].get("key") != key:
-                if not force:
-                    raise EvaluationError(
-                        f"{path} was made with other settings; pass --force to redo it"
-                    )
-                existing = None
+            existing = _reusable_unit(
+                path,
+                CAPABILITY_FORMAT,
+                key,
+                force,
+                "was made with other settings; pass --force to redo it",
+            )
             cap_plan.append((cond, key, path, existing))
     result.capability_planned = len(cap_plan)
 

@@ -68,12 +68,12 @@ import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ..atomic import write_json
 from ..errors import PersonaCompassError
+from .data_files import package_label, read_shipped
 
 DOMAINS: tuple[str, ...] = (
     "coding",
@@ -111,7 +111,7 @@ FIELDS: tuple[str, ...] = (
 """Every key of a scenario object, in the order they are written."""
 
 SCENARIOS_FILE = "scenarios.json"
-PACKAGE_LABEL = f"<package>/evaluation/data/{SCENARIOS_FILE}"
+PACKAGE_LABEL = package_label(SCENARIOS_FILE)
 _ID_RE = re.compile(r"^[a-z0-9]+(?:[-_][a-z0-9]+)*$")
 
 
@@ -333,8 +333,7 @@ def parse_scenarios(data: object, *, source: str = "<data>") -> list[Scenario]:
 
 def _read(path: str | Path | None) -> tuple[object, str]:
     if path is None:
-        source = resources.files(__package__ or "persona_compass.evaluation")
-        text = source.joinpath("data").joinpath(SCENARIOS_FILE).read_text(encoding="utf-8")
+        text = read_shipped(SCENARIOS_FILE)
         label = PACKAGE_LABEL
     else:
         file = Path(path).expanduser()
@@ -407,7 +406,27 @@ def load_scenarios(
     wanted_domains = _as_names(domains, "domains")
     wanted_ids = _as_names(ids, "ids")
     data, label = _read(path)
-    scenarios = parse_scenarios(data, source=label)
+    return select_scenarios(
+        parse_scenarios(data, source=label), domains=wanted_domains, ids=wanted_ids, label=label
+    )
+
+
+def select_scenarios(
+    scenarios: Sequence[Scenario],
+    *,
+    domains: str | Iterable[str] | None = None,
+    ids: str | Iterable[str] | None = None,
+    label: str = "the scenarios",
+) -> list[Scenario]:
+    """The scenarios of the given domains and ids, as :func:`load_scenarios` selects them from
+    a file (``label`` names the file in messages).
+
+    Raises:
+        ScenarioError: as :func:`load_scenarios` for a selection.
+    """
+    wanted_domains = _as_names(domains, "domains")
+    wanted_ids = _as_names(ids, "ids")
+    scenarios = list(scenarios)
     all_ids = [s.id for s in scenarios]
     if wanted_domains is not None:
         wanted_domains = [d.strip().lower() for d in wanted_domains]

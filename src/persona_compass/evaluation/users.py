@@ -538,7 +538,7 @@ def make_user_backend(
 
 
 def make_user(
-    spec: str | UserBackend,
+    spec: str | UserBackend | None,
     scenario: Scenario,
     *,
     model: Any = None,
@@ -550,7 +550,8 @@ def make_user(
     """Build a user for ``scenario`` from a spec (see the module docstring) or a backend.
 
     Args:
-        spec: a user spec, or a backend already built by :func:`make_user_backend`.
+        spec: a user spec, or a backend already built by :func:`make_user_backend` (``None``
+            for a scripted user).
         scenario: the scenario to play.
         model, tokenizer, sampling: for ``"model:self"`` / a local model.
         max_turns: user turns to play (default: the scripted count).

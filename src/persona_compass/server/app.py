@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
 
 from ..axis import Axis
-from ..capping import CAPPING_FILE, CappingConfig
+from ..capping import CappingConfig
 from ..compass import Answer, Delta
 from ..errors import PersonaCompassError
 from .config import ServerConfig, ServerConfigError
@@ -371,7 +371,7 @@ def create_app_from_specs(
 
         axis, model, tokenizer, spec = load_axis_and_model(axis_spec, model_spec, dtype)
         bundle = resolve_bundle(axis_spec)
-        cap = CappingConfig.load(bundle) if (bundle / CAPPING_FILE).is_file() else None
+        cap = CappingConfig.load_optional(bundle)
         cfg = config if config.model_name else replace(config, model_name=spec)
         return CompassState(model, tokenizer, axis, cap, cfg)
 

@@ -44,6 +44,7 @@ from typing import Any
 
 __all__ = [
     "BAND_FILLS",
+    "BAND_PERCENTILES",
     "PALETTE",
     "Point",
     "Series",
@@ -71,6 +72,8 @@ PALETTE = (
 #: Shading of the band regions, lowest first: (colour, opacity). The region below the lowest
 #: band value gets the first entry, the region between the lowest and the next the second...
 BAND_FILLS = (("#d62728", 0.10), ("#ff7f0e", 0.08), ("#bcbd22", 0.06), ("#7f7f7f", 0.04))
+#: The calibration percentiles drawn as reference bands by default (see calibration_bands).
+BAND_PERCENTILES = (5, 25, 50)
 ALERT_COLOUR = "#d62728"
 DEFAULT_TITLE = "Position on the Assistant Axis per assistant turn"
 
@@ -132,7 +135,7 @@ def snippet(text: str, limit: int = 160) -> str:
 def calibration_bands(
     calibration: Any,
     layer: int,
-    percentiles: Sequence[float] = (5, 25, 50),
+    percentiles: Sequence[float] = BAND_PERCENTILES,
     *,
     suffix: str = "",
 ) -> dict[str, float] | None:

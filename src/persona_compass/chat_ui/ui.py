@@ -118,9 +118,6 @@ class ChatUI:
         """One line, never a traceback."""
         self.console.print(Text(f"error: {message}", style="bold red"), soft_wrap=True)
 
-    def _usage_error(self, name: str, problem: str) -> CommandError:
-        return usage_error(name, problem)
-
     def _fresh_session(self, system_prompt: str | None) -> CompassSession:
         old = self.session
         return CompassSession(
@@ -348,10 +345,10 @@ class ChatUI:
         try:
             args = shlex.split(rest)
         except ValueError as exc:
-            raise self._usage_error(name, f"cannot read the arguments ({exc})") from None
+            raise usage_error(name, f"cannot read the arguments ({exc})") from None
         if name == "/quit":
             if args:
-                raise self._usage_error(name, "/quit takes no arguments")
+                raise usage_error(name, "/quit takes no arguments")
             return False
         handler: Callable[[list[str]], None] = getattr(self, "cmd_" + name[1:])
         handler(args)
@@ -365,11 +362,11 @@ class ChatUI:
             self.info(f"capping: {self._cap_state()}")
             return
         if len(args) != 1 or args[0].lower() not in ("on", "off", "adaptive"):
-            raise self._usage_error("/cap", f"unknown capping mode {' '.join(args)!r}")
+            raise usage_error("/cap", f"unknown capping mode {' '.join(args)!r}")
         try:
             self.session.set_mode(args[0].lower())
         except CompassError as exc:
-            raise self._usage_error("/cap", str(exc)) from None
+            raise usage_error("/cap", str(exc)) from None
         self.info(f"capping: {self._cap_state()}", "cyan")
 
     def cmd_steer(self, args: list[str]) -> None:
@@ -382,13 +379,13 @@ class ChatUI:
             self.info("steering: off", "magenta")
             return
         if len(args) > 2:
-            raise self._usage_error("/steer", "too many arguments")
+            raise usage_error("/steer", "too many arguments")
         try:
             coefficient = float(args[0])
         except ValueError:
-            raise self._usage_error("/steer", f"C must be a number, got {args[0]!r}") from None
+            raise usage_error("/steer", f"C must be a number, got {args[0]!r}") from None
         if not math.isfinite(coefficient):
-            raise self._usage_error("/steer", "C must be a finite number")
+            raise usage_error("/steer", "C must be a finite number")
         layers: tuple[int, ...] | None = None
         if len(args) == 2:
             from ..layers import parse_layer_spec
@@ -396,7 +393,7 @@ class ChatUI:
             try:
                 layers = tuple(parse_layer_spec(args[1], self.session.axis.n_layers))
             except PersonaCompassError as exc:
-                raise self._usage_error("/steer", str(exc)) from None
+                raise usage_error("/steer", str(exc)) from None
         steer = Steering(coefficient, layers)
         self.session.steer = steer
         self.info(f"steering: {steer_text(steer)}", "magenta")
@@ -407,20 +404,20 @@ class ChatUI:
 
     def cmd_save(self, args: list[str]) -> None:
         if len(args) != 1:
-            raise self._usage_error("/save", "name one file")
+            raise usage_error("/save", "name one file")
         path = self.save(args[0])
         self.info(f"saved {path}", "green")
 
     def cmd_load(self, args: list[str]) -> None:
         if len(args) not in (1, 2):
-            raise self._usage_error("/load", "name one file (and optionally which conversation)")
+            raise usage_error("/load", "name one file (and optionally which conversation)")
         self.load(args[0], args[1] if len(args) == 2 else None)
 
     def cmd_chart(self, args: list[str]) -> None:
         if len(args) > 1:
-            raise self._usage_error("/chart", "name at most one file")
+            raise usage_error("/chart", "name at most one file")
         if args and Path(args[0]).suffix.lower() not in CHART_SUFFIXES:
-            raise self._usage_error("/chart", f"{args[0]}: write a .png or .html file")
+            raise usage_error("/chart", f"{args[0]}: write a .png or .html file")
         if not any(r.role == "assistant" for r in self.session.turns):
             self.info("no answers yet: nothing to chart", "dim")
             return
@@ -466,7 +463,7 @@ class ChatUI:
 
     def cmd_reset(self, args: list[str]) -> None:
         if args:
-            raise self._usage_error("/reset", "/reset takes no arguments")
+            raise usage_error("/reset", "/reset takes no arguments")
         self.session = self._fresh_session(self.system_prompt)
         self.info("new conversation (system prompt and settings kept)", "cyan")
 
@@ -523,9 +520,7 @@ class ChatUI:
         s = self.session
         label = Path(self.model_name).name if self.model_name else ""
         series = trajectory_series(s.turns, s.messages, label or "chat")
-        bands = calibration_bands(
-            s.axis.calibration, s.axis.layer, (5, 25, 50), suffix=" role-play"
-        )
+        bands = calibration_bands(s.axis.calibration, s.axis.layer, suffix=" role-play")
         title = f"Chat on the Assistant Axis, layer {s.axis.layer} ({self.model_name or 'model'})"
         if out.suffix.lower() == ".png":
             from ..plots import plot_trajectories

@@ -54,7 +54,7 @@ def show(bundle_spec: str, as_json: bool) -> None:
 
     bundle = resolve_bundle(bundle_spec)
     ax = Axis.load(bundle)
-    cap = CappingConfig.load(bundle) if (bundle / "capping.json").exists() else None
+    cap = CappingConfig.load_optional(bundle)
     summary = axis_summary(ax, cap)
     if as_json:
         click.echo(json.dumps(summary, indent=2))

@@ -8,7 +8,11 @@ import click
 from rich.console import Console
 
 from .app import main
-from .common import alert_rules_option, load_axis_and_model, parse_alert_rules
+from .common import (
+    alert_rules_option,
+    load_axis_and_model,
+    parse_alert_rules,
+)
 
 DEFAULT_AXIS = "smollm2-135m"
 
@@ -94,17 +98,14 @@ def chat(
     is a message or a command, and the output is a plain log.
     """
     from ..bundles import resolve_bundle
-    from ..capping import CAPPING_FILE, CappingConfig
+    from ..capping import CappingConfig
     from ..chat_ui import ChatUI, pick_transcript
     from ..compass import CompassSession, check_cap_mode
     from ..generation import SamplingConfig
     from ..transcripts import load_transcripts
 
     status = Console(stderr=True, highlight=False)
-    bundle = resolve_bundle(axis_path)
-    capping_config = None
-    if (bundle / CAPPING_FILE).is_file():
-        capping_config = CappingConfig.load(bundle)
+    capping_config = CappingConfig.load_optional(resolve_bundle(axis_path))
     mode = cap_mode or ("adaptive" if capping_config is not None else "off")
     check_cap_mode(mode, capping_config)
     rules = parse_alert_rules(alert_rules)

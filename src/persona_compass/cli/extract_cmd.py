@@ -125,6 +125,9 @@ def extract(
     Rerun the same command after any crash to continue. The result is an axis bundle with
     calibration, a recommended monitor layer and capping config, and report.md.
     """
+    from ..atomic import read_json_object
+    from ..axis import BUNDLE_FILE
+    from ..errors import AxisFileError
     from ..models import load_model, model_display_name
     from ..models import model_id as model_id_of
     from ..persona_space.extract import ExtractSettings, command_line, run_extraction
@@ -190,7 +193,7 @@ def extract(
         "bundle": str(result.bundle_dir),
         "rollouts": result.planned,
         "generated_now": result.generated_now,
-        "monitor_layer": json.loads((result.bundle_dir / "bundle.json").read_text())[
+        "monitor_layer": read_json_object(result.bundle_dir / BUNDLE_FILE, AxisFileError)[
             "monitor_layer"
         ]
         if result.bundle_dir

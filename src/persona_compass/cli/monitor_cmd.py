@@ -17,7 +17,6 @@ from .app import main
 from .common import load_axis_and_model
 
 TRANSCRIPT_SUFFIXES = (".json", ".jsonl")
-BAND_PERCENTILES = (5, 25, 50)
 
 
 def expand_inputs(
@@ -323,7 +322,7 @@ def _write_charts(
                 )
             )
         series.append(Series(label, points))
-    bands = calibration_bands(axis.calibration, layer, BAND_PERCENTILES, suffix=" role-play")
+    bands = calibration_bands(axis.calibration, layer, suffix=" role-play")
     title = f"Position on the Assistant Axis, layer {layer} ({model_name})"
     if plot is not None:
         from ..plots import plot_trajectories

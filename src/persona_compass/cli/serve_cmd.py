@@ -118,7 +118,7 @@ def serve(
             f"--cap {cap_mode} needs a capping config, and {bundle} has no {CAPPING_FILE}; "
             "use --cap off (requests can still send a capping window), or add one"
         )
-    key = api_key.strip() if api_key else None
+    key = (api_key or "").strip() or None  # a blank key is no key
     if not is_loopback(host) and key is None:
         click.echo(
             f"warning: binding {host} without an API key: anyone who can reach this address "
@@ -128,7 +128,7 @@ def serve(
     config = ServerConfig(
         model_name=model_spec or "",
         cap_mode=cap_mode,
-        api_key=key or None,
+        api_key=key,
         max_tokens_limit=max_tokens,
         default_max_tokens=min(default_max_tokens, max_tokens),
         queue_size=queue_size,

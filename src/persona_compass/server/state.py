@@ -31,6 +31,7 @@ from ..compass import (
 )
 from ..errors import PersonaCompassError
 from ..generation import SamplingConfig
+from ..html_chart import BAND_PERCENTILES
 from ..layers import normalize_layers
 from ..monitor import context_length
 from .config import ServerConfig
@@ -38,7 +39,6 @@ from .responses import clean
 from .schemas import CappingSpec, ChatRequest, RequestError
 from .worker import GenerationWorker
 
-BAND_PERCENTILES = (5, 25, 50)
 CAP_CACHE_SIZE = 32
 DEFAULT_PERCENTILE = 25.0
 

@@ -68,7 +68,8 @@ def test_end_to_end_bundle_is_the_contrast_of_the_sums(tmp_path, qwen_pair):
     cap = CappingConfig.load(result.bundle_dir)
     lo, hi = axis.metadata["capping_window"]
     assert cap.layers == tuple(range(lo, hi))
-    assert (result.bundle_dir / "report.md").exists()
+    report = (result.bundle_dir / "report.md").read_text()
+    assert "## Persona space" in report and "best-aligned PC" in report
     for name, state in states.items():
         lines = (result.out_dir / "responses" / f"{name}.jsonl").read_text().splitlines()
         assert len(lines) == len(state.records)
@@ -287,6 +288,8 @@ def test_layers_records_only_the_chosen_layers(tmp_path, qwen_pair):
     assert meta["settings"]["layers"] == "1:3"
     assert meta["auroc"][0] is None and meta["auroc"][3] is None
     assert all(v is not None for v in meta["auroc"][1:3])
+    assert meta["axis_in_pc1_3"][0] is None and meta["axis_in_pc1_3"][3] is None
+    assert meta["monitor_pc_cosines"][0] == meta["monitor_pc1_cosine"]
     assert set(CappingConfig.load(part.bundle_dir).layers) <= {1, 2}
     with pytest.raises(AxisFileError, match="zero at layer 0"):
         axis.unit(0)

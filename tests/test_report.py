@@ -14,11 +14,14 @@ from persona_compass.persona_space.report import (
     RolloutSamples,
     aligned_pc1,
     auroc,
+    axis_in_span,
     choose_capping_window,
     choose_monitor_layer,
     default_window_width,
     heldout_auroc,
     pc1_cosine,
+    pc1_ends,
+    pc_cosines,
     pca,
     rank_roles,
     standardised_separation,
@@ -122,6 +125,45 @@ def test_pca_finds_the_main_direction():
     other = torch.randn(d_model, generator=gen, dtype=torch.float64)
     other = other - (other @ u) * u
     assert bool((pc1_cosine(other.expand(n_layers, d_model), comps) < 0.1).all())
+
+
+def test_axis_on_the_second_pc_is_found_and_lies_in_the_span():
+    """The persona-space layout seen on SmolLM2: the largest spread is not the axis."""
+    gen = torch.Generator().manual_seed(7)
+    n_roles, n_layers, d_model = 40, 2, 12
+    style = _direction(d_model, seed=8)
+    assistant = _direction(d_model, seed=9)
+    assistant = assistant - (assistant @ style) * style
+    assistant = assistant / assistant.norm()
+    # Centred, uncorrelated coordinates, so the PCs are exactly style and assistant.
+    a = torch.randn(n_roles, generator=gen, dtype=torch.float64)
+    b = torch.randn(n_roles, generator=gen, dtype=torch.float64)
+    a, b = a - a.mean(), b - b.mean()
+    b = b - (b @ a) / (a @ a) * a
+    a, b = (5 * a / a.norm())[:, None, None], (2 * b / b.norm())[:, None, None]
+    roles = (a * style + b * assistant).expand(n_roles, n_layers, d_model)
+    _, comps = pca(roles, k=4)
+    axis = (assistant * 0.8 + style * 0.6).expand(n_layers, d_model)  # |cos| 0.8 and 0.6
+    cos = pc_cosines(axis, comps)
+    assert cos.shape == (n_layers, 4)
+    assert torch.allclose(cos[:, 0], torch.full((n_layers,), 0.6, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(cos[:, 1], torch.full((n_layers,), 0.8, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(pc1_cosine(axis, comps), cos[:, 0])
+    assert torch.allclose(axis_in_span(cos, 2), torch.ones(n_layers, dtype=torch.float64))
+    assert torch.allclose(axis_in_span(cos, 1), cos[:, 0])
+    # An axis outside the roles' plane has a short shadow in it.
+    off = torch.zeros(d_model, dtype=torch.float64)
+    off[0] = 1.0
+    off = off - (off @ style) * style - (off @ assistant) * assistant
+    assert bool((axis_in_span(pc_cosines(off.expand(n_layers, d_model), comps), 2) < 1e-9).all())
+    names = [f"r{i:02d}" for i in range(n_roles)]
+    pc1 = aligned_pc1(axis, comps)[0]
+    low, high = pc1_ends(names, roles[:, 0], pc1, n=3)
+    order = sorted(range(n_roles), key=lambda i: float(a[i]))
+    assert low == [names[i] for i in order[:3]]  # the axis leans to +style, so +a is high
+    assert high == [names[i] for i in order[::-1][:3]]
+    with pytest.raises(ReportError, match="role names"):
+        pc1_ends(names[:-1], roles[:, 0], pc1)
 
 
 def test_pca_fewer_roles_than_k_pads_with_zeros():
@@ -392,6 +434,27 @@ def test_write_report_files(tmp_path, n_roles):
         assert data[:8] == PNG_SIGNATURE and len(data) > 1000
     leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")]
     assert leftovers == []
+
+
+def test_write_report_persona_space_section(tmp_path):
+    kwargs = _report_inputs(12)
+    names = [name for name, _ in kwargs["ranking"]]
+    cos = torch.zeros(8, 5, dtype=torch.float64)
+    cos[:, 0], cos[:, 1] = 0.3, 0.9
+    text = write_report(
+        tmp_path, pc_cos=cos, pc1_roles=(names[-2:], names[:2]), **kwargs
+    ).read_text()
+    table = [line for line in text.splitlines() if line.startswith("| ") and "%" in line]
+    assert all("| PC2 (0.900) | 0.949 |" in row for row in table)
+    header = text.split("## Per layer")[1].splitlines()[2:4]
+    assert header[0].count("|") == header[1].count("|") == 9  # separator matches the columns
+    section = text.split("## Persona space")[1].split("## Roles")[0]
+    assert f"{names[-2]}, {names[-1]} (away from the Assistant)" in section
+    assert "PC1 0.300, PC2 0.900" in section and "length 0.949" in section
+    with pytest.raises(ReportError, match="pc_cos"):
+        write_report(tmp_path, pc_cos=cos[:5], **kwargs)
+    plain = write_report(tmp_path / "plain", **kwargs).read_text()
+    assert "## Persona space" not in plain and "best-aligned" not in plain
 
 
 def test_write_report_errors(tmp_path):

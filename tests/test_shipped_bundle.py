@@ -14,6 +14,7 @@ from persona_compass.capping import CappingConfig
 from persona_compass.cli import main
 from persona_compass.errors import AxisFileError
 from persona_compass.interventions import capping
+from persona_compass.persona_space.report import axis_in_span, pc_cosines, pca
 
 
 def test_smollm2_bundle_is_shipped_and_complete():
@@ -31,6 +32,21 @@ def test_smollm2_bundle_is_shipped_and_complete():
     assert 0 <= meta["monitor_auroc"] <= 1 and 0 <= meta["monitor_pc1_cosine"] <= 1
 
 
+def test_shipped_pc_cosines_match_its_role_vectors():
+    """The recorded persona-space numbers are recomputed from the vectors the bundle holds."""
+    axis = Axis.load(shipped_bundles()["smollm2-135m"])
+    roles = torch.stack([v for k, v in sorted(axis.vectors.items()) if k.startswith("role/")])
+    assert roles.shape[0] == len(axis.metadata["roles"])
+    _, components = pca(roles, k=10)
+    cos = pc_cosines(axis.directions, components)
+    m = axis.layer
+    recorded = axis.metadata["monitor_pc_cosines"]
+    assert recorded[0] == axis.metadata["monitor_pc1_cosine"]
+    assert torch.allclose(cos[m, :5], torch.tensor(recorded, dtype=torch.float64), atol=2e-4)
+    span = axis_in_span(cos)
+    assert abs(float(span[m]) - axis.metadata["axis_in_pc1_3"][m]) < 2e-4
+
+
 def test_unknown_alias_is_a_clear_error(tmp_path):
     with pytest.raises(AxisFileError, match="shipped: .*smollm2-135m"):
         resolve_bundle("no-such-bundle")
@@ -40,7 +56,7 @@ def test_axis_show_json_on_the_alias():
     result = CliRunner().invoke(main, ["axis", "show", "smollm2-135m", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    for key in ("n_layers", "d_model", "monitor_layer", "auroc", "pc1_cosine"):
+    for key in ("n_layers", "d_model", "monitor_layer", "auroc", "pc1_cosine", "pc_cosines"):
         assert key in data
     assert data["n_layers"] == 30 and data["d_model"] == 576
 

@@ -30,6 +30,8 @@ def axis_summary(bundle: Any, capping: Any | None) -> dict[str, Any]:
         "calibrated": bundle.calibration is not None,
         "auroc": bundle.metadata.get("monitor_auroc"),
         "pc1_cosine": bundle.metadata.get("monitor_pc1_cosine"),
+        # |cos(axis, PC1..PC5)| at the monitor layer (bundles made before this was recorded: None)
+        "pc_cosines": bundle.metadata.get("monitor_pc_cosines"),
         "vectors": sorted(bundle.vectors),
         "metadata": dict(bundle.metadata),
     }
@@ -68,6 +70,7 @@ def show(bundle_spec: str, as_json: bool) -> None:
         "monitor_layer",
         "auroc",
         "pc1_cosine",
+        "pc_cosines",
         "calibrated",
     )
     for key in keys:

@@ -51,10 +51,13 @@ from .catalogue import DEFAULT_ROLE, Catalogue, load_catalogue
 from .judges import JudgeItem, make_judge
 from .report import (
     RolloutSamples,
+    aligned_pc1,
+    axis_in_span,
     choose_capping_window,
     choose_monitor_layer,
     heldout_auroc,
-    pc1_cosine,
+    pc1_ends,
+    pc_cosines,
     pca,
     rank_roles,
     write_report,
@@ -604,8 +607,14 @@ def build_bundle(
     )
     variance_k, components = pca(role_stack, k=min(10, len(role_vecs)))
     variance = _scatter(variance_k, layers, n_layers, nan)
-    cos = _scatter(pc1_cosine(directions, components), layers, n_layers, nan)
-    ranking = rank_roles(role_names, role_stack, directions, layers.index(monitor_layer))
+    cosines_k = pc_cosines(directions, components)  # (k layers, PCs)
+    cosines = _scatter(cosines_k, layers, n_layers, nan)
+    cos = cosines[:, 0]
+    at_monitor = layers.index(monitor_layer)
+    ranking = rank_roles(role_names, role_stack, directions, at_monitor)
+    pc1_roles = pc1_ends(
+        role_names, role_stack[:, at_monitor], aligned_pc1(directions, components)[at_monitor]
+    )
     window = choose_capping_window(separation, layers=layers)
     storage = store.storage_bytes()
     metadata = {
@@ -627,6 +636,8 @@ def build_bundle(
         "pc1_variance": _rounded(variance[:, 0]),
         "monitor_auroc": round(float(auroc[monitor_layer]), 4),
         "monitor_pc1_cosine": round(float(cos[monitor_layer]), 4),
+        "monitor_pc_cosines": _rounded(cosines[monitor_layer, :5]),
+        "axis_in_pc1_3": _rounded(axis_in_span(cosines)),
         "capping_window": list(window),
         "generation_seconds": None if generation_seconds is None else round(generation_seconds, 1),
         "storage_bytes_per_role_max": max(storage.values()) if storage else 0,
@@ -661,6 +672,8 @@ def build_bundle(
         summary=metadata,
         variance_ratio=variance,
         pc1_cos=cos,
+        pc_cos=cosines,
+        pc1_roles=pc1_roles,
         auroc=auroc,
         separation=separation,
         ranking=ranking,

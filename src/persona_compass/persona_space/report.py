@@ -38,11 +38,14 @@ __all__ = [
     "RolloutSamples",
     "aligned_pc1",
     "auroc",
+    "axis_in_span",
     "choose_capping_window",
     "choose_monitor_layer",
     "default_window_width",
     "heldout_auroc",
     "pc1_cosine",
+    "pc1_ends",
+    "pc_cosines",
     "pca",
     "rank_roles",
     "standardised_separation",
@@ -199,19 +202,52 @@ def _check_axis_components(axis: Tensor, components: Tensor) -> tuple[Tensor, Te
             f"axis {tuple(axis.shape)} and components {tuple(components.shape)} do not match: "
             "they need the same n_layers and d_model"
         )
-    return axis.to(torch.float64), components[:, 0].to(torch.float64)
+    return axis.to(torch.float64), components.to(torch.float64)
+
+
+def pc_cosines(axis: Tensor, components: Tensor) -> Tensor:
+    """``|cos(axis[l], PCi[l])|`` for every given component, shape ``(L, k)``, float64.
+
+    A principal component's sign is arbitrary, so only the absolute value is meaningful.
+    Where the axis or a component is zero the cosine is 0.
+    """
+    a, p = _check_axis_components(axis, components)
+    dots = torch.einsum("ld,lkd->lk", a, p)
+    norms = torch.linalg.vector_norm(a, dim=-1, keepdim=True) * torch.linalg.vector_norm(p, dim=-1)
+    return torch.where(norms > _TINY, dots.abs() / norms.clamp_min(_TINY), torch.zeros_like(dots))
 
 
 def pc1_cosine(axis: Tensor, components: Tensor) -> Tensor:
-    """``|cos(axis[l], PC1[l])|`` per layer, shape ``(L,)``, float64.
+    """``|cos(axis[l], PC1[l])|`` per layer, shape ``(L,)``, float64 (0 where either is zero)."""
+    return pc_cosines(axis, components[:, :1])[:, 0]
 
-    A principal component's sign is arbitrary, so only the absolute value is meaningful.
-    Layers where the axis or PC1 is zero get 0.
+
+def axis_in_span(cosines: Tensor, n: int = 3) -> Tensor:
+    """Length of the unit axis's projection on the span of the first ``n`` PCs, ``(L,)``.
+
+    ``cosines`` is :func:`pc_cosines`' ``(L, k)``. The components are orthonormal, so the
+    length is the root of the summed squared cosines: 1 when the axis lies in that span
+    (however the variance is shared among the PCs), 0 when it is orthogonal to it.
     """
-    a, p = _check_axis_components(axis, components)
-    dots = (a * p).sum(dim=-1)
-    norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(p, dim=-1)
-    return torch.where(norms > _TINY, dots.abs() / norms.clamp_min(_TINY), torch.zeros_like(dots))
+    return cosines[:, :n].to(torch.float64).square().sum(dim=-1).sqrt()
+
+
+def pc1_ends(
+    role_names: Sequence[str], role_vectors: Tensor, pc1: Tensor, n: int = 5
+) -> tuple[list[str], list[str]]:
+    """The ``n`` roles at each end of PC1 at one layer: ``(low end, high end)``.
+
+    ``role_vectors`` is ``(R, D)`` at that layer and ``pc1`` ``(D,)``, oriented as the
+    caller wants (e.g. by :func:`aligned_pc1`, so the high end is the Assistant's side).
+    They tell a reader what the main direction of persona space means for this model.
+    """
+    names = list(role_names)
+    if role_vectors.ndim != 2 or len(names) != role_vectors.shape[0]:
+        raise ReportError(f"{len(names)} role names for role vectors {tuple(role_vectors.shape)}")
+    scores = (role_vectors.to(torch.float64) @ pc1.to(torch.float64)).tolist()
+    order = [name for _, name in sorted(zip(scores, names, strict=True))]
+    n = min(n, len(order) // 2)
+    return order[:n], order[::-1][:n]
 
 
 def aligned_pc1(axis: Tensor, components: Tensor) -> Tensor:
@@ -221,6 +257,7 @@ def aligned_pc1(axis: Tensor, components: Tensor) -> Tensor:
     Assistant-like.
     """
     a, p = _check_axis_components(axis, components)
+    p = p[:, 0]
     dots = (a * p).sum(dim=-1, keepdim=True)
     return torch.where(dots < 0, -p, p)
 
@@ -694,6 +731,53 @@ def _role_table(rows: Iterable[tuple[int, str, float]]) -> list[str]:
     return lines
 
 
+def _table_header(with_pcs: bool) -> str:
+    pc_columns = "best-aligned PC (abs cos) | axis in PC1-3 span | " if with_pcs else ""
+    header = f"| layer | AUROC | d' | abs cos(axis, PC1) | PC1 variance | {pc_columns}use |"
+    return header + "\n|" + "---:|" * (7 if with_pcs else 5) + "---|"
+
+
+def _pc_cells(cosines: Tensor) -> str:
+    best = int(cosines.argmax())
+    span = float(axis_in_span(cosines[None])[0])
+    return f"PC{best + 1} ({float(cosines[best]):.3f}) | {span:.3f} | "
+
+
+def _persona_space_lines(
+    m: int,
+    variance: Tensor,
+    pc1_cos: Tensor,
+    cosines: Tensor | None,
+    pc1_roles: tuple[Sequence[str], Sequence[str]] | None,
+) -> list[str]:
+    """What the main directions of persona space are at the monitor layer, in words."""
+    if cosines is None and pc1_roles is None:
+        return []
+    lines = [f"## Persona space (layer {m})", ""]
+    if pc1_roles is not None:
+        low, high = pc1_roles
+        lines += [
+            f"PC1 ({100.0 * float(variance[0]):.1f}% of the role variance) runs from "
+            f"{', '.join(low)} (away from the Assistant) to {', '.join(high)} (the side the "
+            "axis points to).",
+            "",
+        ]
+    if cosines is not None:
+        listed = ", ".join(
+            f"PC{i + 1} {float(cosines[i]):.3f}" for i in range(min(5, cosines.numel()))
+        )
+        span = float(axis_in_span(cosines[None])[0])
+        lines += [
+            f"|cos(axis, PC)|: {listed}. The axis has length {span:.3f} in the span of PC1-3",
+            "(1 = it lies in that plane of persona space, however the variance is shared).",
+            f"|cos(axis, PC1)| is {float(pc1_cos):.3f} here: where another PC lines up better,",
+            "the largest spread among the roles is something other than how Assistant-like",
+            "they are (for example a style that only some characters share).",
+            "",
+        ]
+    return lines
+
+
 def write_report(
     out_dir: str | Path,
     *,
@@ -708,6 +792,8 @@ def write_report(
     capping_window: tuple[int, int],
     extra_lines: Sequence[str] = (),
     recorded_layers: Sequence[int] | None = None,
+    pc_cos: Tensor | None = None,
+    pc1_roles: tuple[Sequence[str], Sequence[str]] | None = None,
 ) -> Path:
     """Write ``report.md`` and the charts ``auroc.png``, ``variance.png``, ``roles.png``.
 
@@ -728,6 +814,10 @@ def write_report(
             The per-layer inputs still cover every layer (NaN where unrecorded); the table
             lists the recorded layers only, and the monitor layer and capping window must
             be among them.
+        pc_cos: optional ``(L, k)`` from :func:`pc_cosines`: adds, per layer, the PC the
+            axis lines up with best and the share of the axis in the first three PCs' span.
+        pc1_roles: optional ``(low end, high end)`` role names of PC1 at the monitor layer
+            (:func:`pc1_ends`), with the high end on the Assistant's side.
 
     Returns:
         The path of ``report.md``.
@@ -739,6 +829,9 @@ def write_report(
     n_layers = a.numel()
     if vr.ndim != 2 or vr.shape[1] < 1:
         raise ReportError("variance_ratio must be a (n_layers, k) tensor with k >= 1")
+    pcs = None if pc_cos is None else torch.as_tensor(pc_cos, dtype=torch.float64)
+    if pcs is not None and (pcs.ndim != 2 or pcs.shape[0] != n_layers or pcs.shape[1] < 1):
+        raise ReportError(f"pc_cos must be a ({n_layers}, k) tensor with k >= 1")
     if s.numel() != n_layers or c.numel() != n_layers or vr.shape[0] != n_layers:
         raise ReportError(
             f"per-layer inputs disagree on the layer count: auroc {n_layers}, separation "
@@ -812,8 +905,7 @@ def write_report(
         "",
         "## Per layer",
         "",
-        "| layer | AUROC | d' | abs cos(axis, PC1) | PC1 variance | use |",
-        "|---:|---:|---:|---:|---:|---|",
+        _table_header(pcs is not None),
     ]
     for layer in recorded:
         marks = []
@@ -821,9 +913,11 @@ def write_report(
             marks.append("monitor")
         if start <= layer < stop:
             marks.append("capping")
+        pc_cells = "" if pcs is None else _pc_cells(pcs[layer])
         lines.append(
             f"| {layer} | {float(a[layer]):.3f} | {float(s[layer]):.2f} | "
-            f"{float(c[layer]):.3f} | {100.0 * float(vr[layer, 0]):.1f}% | {', '.join(marks)} |"
+            f"{float(c[layer]):.3f} | {100.0 * float(vr[layer, 0]):.1f}% | {pc_cells}"
+            f"{', '.join(marks)} |"
         )
     shares = ", ".join(f"PC{i + 1} {100.0 * float(vr[m, i]):.1f}%" for i in range(min(k, 5)))
     lines += [
@@ -831,6 +925,7 @@ def write_report(
         f"Variance of the role vectors at layer {m}: {shares}; first {k} together "
         f"{100.0 * float(vr[m].sum()):.1f}%.",
         "",
+        *_persona_space_lines(m, vr[m], c[m], None if pcs is None else pcs[m], pc1_roles),
         f"## Roles along the axis (layer {m})",
         "",
         "Projection of each role vector on the unit axis: high = Assistant-like.",

@@ -87,10 +87,31 @@ def test_end_to_end_bundle_is_the_contrast_of_the_sums(tmp_path, qwen_pair):
 def test_rerun_resumes_without_regenerating(tmp_path, qwen_pair):
     first = run(tmp_path, qwen_pair)
     before = {k: dict(v.records) for k, v in load_states(first.out_dir).items()}
+    spent = first.summary["generation_seconds"]
+    assert spent > 0
     again = run(tmp_path, qwen_pair)
     assert again.generated_now == 0
     after = {k: dict(v.records) for k, v in load_states(again.out_dir).items()}
     assert before == after
+    # the rebuilt bundle keeps the generation time of the session that did the work
+    assert again.summary["generation_seconds"] == spent
+
+
+def test_generation_time_adds_up_over_sessions(tmp_path, qwen_pair):
+    first = run(tmp_path, qwen_pair)
+    progress = first.out_dir / "progress.json"
+    recorded = json.loads(progress.read_text())["generation_seconds"]
+    assert first.summary["generation_seconds"] == pytest.approx(recorded, abs=0.05)
+    progress.write_text(json.dumps({"generation_seconds": 1000.0}))  # an earlier session's time
+    sorted((first.out_dir / "activations").glob("*.safetensors"))[-1].unlink()  # a role to redo
+    resumed = run(tmp_path, qwen_pair)
+    assert resumed.generated_now > 0
+    total = json.loads(progress.read_text())["generation_seconds"]
+    assert 1000.0 < total < 1000.0 + 600  # the earlier session's time plus this one's
+    assert resumed.summary["generation_seconds"] == pytest.approx(total, abs=0.05)
+    progress.write_text(json.dumps({"generation_seconds": "soon"}))
+    with pytest.raises(StoreError, match="generation_seconds is 'soon'"):
+        run(tmp_path, qwen_pair)
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, qwen_pair):

@@ -445,6 +445,9 @@ def run_extraction(
         url, remote_model = parse_generator_spec(settings.generator)
         generator = OpenAIGenerator(url, remote_model or model_id)
     sampling = settings.sampling()
+    # Time spent in earlier sessions of a resumed run counts too; a rerun that generates
+    # nothing keeps the recorded total.
+    earlier_seconds = store.generation_seconds()
     started = time.perf_counter()
     bar = tqdm(
         total=len(jobs),
@@ -493,9 +496,9 @@ def run_extraction(
             touched[job.role] = state
         for state in touched.values():
             store.commit(state)
+        store.record_generation_seconds((earlier_seconds or 0.0) + time.perf_counter() - started)
         bar.update(len(batch))
     bar.close()
-    elapsed = time.perf_counter() - started
     bundle = build_bundle(
         store,
         states,
@@ -503,7 +506,7 @@ def run_extraction(
         model=model,
         model_id=model_id,
         record=record,
-        generation_seconds=elapsed,
+        generation_seconds=store.generation_seconds(),
     )
     return ExtractionResult(
         out_dir,
@@ -769,7 +772,15 @@ def rejudge(
     from ..atomic import write_json
 
     write_json(run_file, record)
-    bundle = build_bundle(store, states, settings, model=model, model_id=model_id, record=record)
+    bundle = build_bundle(
+        store,
+        states,
+        settings,
+        model=model,
+        model_id=model_id,
+        record=record,
+        generation_seconds=store.generation_seconds(),
+    )
     n = sum(len(s.records) for s in states.values())
     return ExtractionResult(
         root, bundle, n, 0, json.loads((bundle / "bundle.json").read_text())["metadata"]

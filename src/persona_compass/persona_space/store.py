@@ -8,6 +8,7 @@ Layout of an extraction folder ``DIR``::
                                       row per recorded layer (run.json's recorded_layers)
     DIR/responses/{role}.jsonl        the same records in the research release's layout
                                       (derived from the state file, rewritten with it)
+    DIR/progress.json                 generation seconds spent so far, over every session
     DIR/bundle/                       the axis bundle, once the run is complete
 
 A role's state file is the commit point: it holds the records *and* the activation sums
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..atomic import atomic_path, write_json, write_text
+from ..atomic import atomic_path, read_json_object, write_json, write_text
 from ..errors import PersonaCompassError
 
 logger = logging.getLogger(__name__)
@@ -229,6 +230,26 @@ class ExtractionStore:
         """Write the role's state (the commit point), then its research-format responses."""
         state.save(self.state_path(state.role))
         write_text(self.root / "responses" / f"{state.role}.jsonl", state.research_jsonl())
+
+    @property
+    def progress_path(self) -> Path:
+        return self.root / "progress.json"
+
+    def generation_seconds(self) -> float | None:
+        """Seconds spent generating over every session of this run; None if never recorded."""
+        if not self.progress_path.exists():
+            return None
+        value = read_json_object(self.progress_path, StoreError).get("generation_seconds")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise StoreError(
+                f"{self.progress_path}: generation_seconds is {value!r}, not a number of "
+                "seconds; delete the file (only the run's timing is lost)"
+            )
+        return float(value)
+
+    def record_generation_seconds(self, seconds: float) -> None:
+        """Store the run's total generation time (after each committed batch)."""
+        write_json(self.progress_path, {"generation_seconds": round(seconds, 3)})
 
     def roles(self) -> Iterator[str]:
         for path in sorted((self.root / "activations").glob("*.safetensors")):

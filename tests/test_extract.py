@@ -120,6 +120,18 @@ def test_resume_with_other_settings_is_refused(tmp_path, qwen_pair):
         run(tmp_path, qwen_pair, max_new_tokens=7)
 
 
+def test_presets_fill_the_knobs_and_flags_override_them():
+    quick = ExtractSettings.from_preset("m", "quick")
+    standard = ExtractSettings.from_preset("m", "standard")
+    assert (quick.n_roles, quick.max_new_tokens, quick.samples_per_role) == (40, 64, 20)
+    assert (standard.n_roles, standard.prompts_per_role, standard.n_questions) == (None, 5, 40)
+    # fewer sampled rollouts per role where every role has 200 answers to keep (storage)
+    assert standard.samples_per_role == 10
+    assert ExtractSettings.from_preset("m", "standard", samples_per_role=30).samples_per_role == 30
+    with pytest.raises(PersonaCompassError, match="unknown; use one of quick, standard, paper"):
+        ExtractSettings.from_preset("m", "huge")
+
+
 def test_too_few_in_role_rollouts_is_a_clear_error(tmp_path, qwen_pair):
     with pytest.raises(PersonaCompassError, match="min-role-count"):
         run(tmp_path, qwen_pair, min_role_count=50)

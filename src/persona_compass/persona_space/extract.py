@@ -75,13 +75,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_new_tokens": 64,
         "batch_size": 16,
     },
-    # every role, 5 prompts, 40 questions, 128 tokens: hours on a CPU, minutes on a GPU
+    # every role, 5 prompts, 40 questions, 128 tokens: hours on a CPU, minutes on a GPU.
+    # 10 sampled rollouts per role (1,450 over all roles, more than quick's 800) keep a
+    # role's store under 1 MB on SmolLM2 although each role has 200 answers to keep.
     "standard": {
         "n_roles": None,
         "prompts_per_role": 5,
         "n_questions": 40,
         "max_new_tokens": 128,
         "batch_size": 16,
+        "samples_per_role": 10,
     },
     # the research scale: every role x 5 prompts x every question, 512 tokens (GPUs)
     "paper": {
@@ -90,6 +93,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_questions": None,
         "max_new_tokens": 512,
         "batch_size": 32,
+        "samples_per_role": 10,
     },
 }
 

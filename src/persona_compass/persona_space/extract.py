@@ -503,15 +503,7 @@ def run_extraction(
         store.record_generation_seconds((earlier_seconds or 0.0) + time.perf_counter() - started)
         bar.update(len(batch))
     bar.close()
-    bundle = build_bundle(
-        store,
-        states,
-        settings,
-        model=model,
-        model_id=model_id,
-        record=record,
-        generation_seconds=store.generation_seconds(),
-    )
+    bundle = build_bundle(store, states, settings, model=model, model_id=model_id, record=record)
     return ExtractionResult(
         out_dir,
         bundle,
@@ -555,7 +547,6 @@ def build_bundle(
     model: nn.Module,
     model_id: str,
     record: dict[str, Any],
-    generation_seconds: float | None = None,
 ) -> Path:
     """Role vectors, axis, calibration, monitor layer, capping config and report -> bundle.
 
@@ -566,6 +557,7 @@ def build_bundle(
     n_layers = num_layers(model)
     layers: list[int] = list(record.get("recorded_layers") or range(n_layers))
     nan = float("nan")
+    generation_seconds = store.generation_seconds()  # every session of the run together
     for state in states.values():
         _check_rows(state, len(layers), store)
     default_state = states[DEFAULT_ROLE]
@@ -776,15 +768,7 @@ def rejudge(
     from ..atomic import write_json
 
     write_json(run_file, record)
-    bundle = build_bundle(
-        store,
-        states,
-        settings,
-        model=model,
-        model_id=model_id,
-        record=record,
-        generation_seconds=store.generation_seconds(),
-    )
+    bundle = build_bundle(store, states, settings, model=model, model_id=model_id, record=record)
     n = sum(len(s.records) for s in states.values())
     return ExtractionResult(
         root, bundle, n, 0, json.loads((bundle / "bundle.json").read_text())["metadata"]

@@ -110,7 +110,10 @@ def test_generation_time_adds_up_over_sessions(tmp_path, qwen_pair):
     assert 1000.0 < total < 1000.0 + 600  # the earlier session's time plus this one's
     assert resumed.summary["generation_seconds"] == pytest.approx(total, abs=0.05)
     progress.write_text(json.dumps({"generation_seconds": "soon"}))
-    with pytest.raises(StoreError, match="generation_seconds is 'soon'"):
+    with pytest.raises(StoreError, match="generation_seconds is 'soon'.*delete the file"):
+        run(tmp_path, qwen_pair)
+    progress.write_text("{truncated")
+    with pytest.raises(StoreError, match="cannot read .*progress.json.*delete the file"):
         run(tmp_path, qwen_pair)
 
 

@@ -239,11 +239,15 @@ class ExtractionStore:
         """Seconds spent generating over every session of this run; None if never recorded."""
         if not self.progress_path.exists():
             return None
-        value = read_json_object(self.progress_path, StoreError).get("generation_seconds")
+        fix = "delete the file (only the run's timing is lost)"
+        try:
+            value = read_json_object(self.progress_path, StoreError).get("generation_seconds")
+        except StoreError as exc:
+            raise StoreError(f"{exc}; {fix}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise StoreError(
                 f"{self.progress_path}: generation_seconds is {value!r}, not a number of "
-                "seconds; delete the file (only the run's timing is lost)"
+                f"seconds; {fix}"
             )
         return float(value)
 

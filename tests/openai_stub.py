@@ -180,11 +180,20 @@ def _handler(state: StubServer) -> type[BaseHTTPRequestHandler]:
                 self.recorded = True
                 state._record(status)
 
+        entered = False  # whether this chat request counts in state's active requests
+
+        def _leave(self) -> None:
+            if self.entered:
+                self.entered = False
+                state._leave()
+
         def _send(self, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
             data = json.dumps(body).encode()
             if self.path.rstrip("/") == CHAT_PATH:
-                # recorded before the client can read the answer: no race in the tests
+                # recorded, and no longer counted as active, before the client can read the
+                # answer and send its next request: no race in the tests
                 self._record(status)
+                self._leave()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -220,6 +229,7 @@ def _handler(state: StubServer) -> type[BaseHTTPRequestHandler]:
                 time=time.monotonic(),
             )
             failure, index = state._enter(request)
+            self.entered = True
             status = 0
             try:
                 status = self._answer(request, failure, index)
@@ -227,7 +237,7 @@ def _handler(state: StubServer) -> type[BaseHTTPRequestHandler]:
                 status = 0  # the client gave up (timeout): nothing to answer
             finally:
                 self._record(status)
-                state._leave()
+                self._leave()
 
         def _answer(self, request: StubRequest, failure: Failure | None, index: int) -> int:
             wait = state.delay + (failure.delay if failure else 0.0)

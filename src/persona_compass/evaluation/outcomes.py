@@ -50,7 +50,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..persona_space.openai_client import OpenAIError, split_url_model
+from ..specs import openai_target, spec_text
 from .outcome_agreement import (
     PACKAGE_LABEL,
     SAMPLE_FILE,
@@ -124,16 +124,12 @@ def make_outcome_judge(spec: str, **kwargs: Any) -> OutcomeJudge:
         >>> make_outcome_judge("heuristic").name
         'heuristic'
     """
-    text = spec.strip() if isinstance(spec, str) else ""
-    lowered = text.lower()
+    lowered = spec_text(spec).lower()
     if lowered == "heuristic":
         if kwargs:
             raise OutcomeError(f"the heuristic judge takes no options, got {sorted(kwargs)}")
         return HeuristicOutcomeJudge()
     if lowered.startswith("openai:"):
-        try:
-            url, name = split_url_model(text[len("openai:") :])
-        except OpenAIError as exc:
-            raise OutcomeError(f"outcome judge spec {spec!r}: {exc}") from exc
+        url, name = openai_target(spec, "outcome judge spec", OutcomeError)
         return OpenAIOutcomeJudge(url, name or DEFAULT_OPENAI_OUTCOME_MODEL, **kwargs)
     raise OutcomeError(f"unknown outcome judge spec {spec!r}; accepted forms: {SPEC_FORMS}")

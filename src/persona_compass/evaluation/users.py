@@ -60,7 +60,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..errors import PersonaCompassError
 from ..generation import SamplingConfig, generate_chat
-from ..persona_space.openai_client import ClientOptions, OpenAIClient, OpenAIError, split_url_model
+from ..persona_space.openai_client import ClientOptions, OpenAIClient
+from ..specs import SELF, model_target, openai_target, spec_text
 from .scenarios import Scenario
 
 if TYPE_CHECKING:
@@ -509,30 +510,24 @@ def make_user_backend(
     Raises:
         UserError: an unknown or malformed spec; the message lists the accepted forms.
     """
-    text = spec.strip() if isinstance(spec, str) else ""
-    lowered = text.lower()
+    lowered = spec_text(spec).lower()
     if lowered == "scripted":
         return None
     if lowered.startswith("model:"):
-        target = text[len("model:") :].strip()
-        if not target:
-            raise UserError(f"user spec {spec!r} names no model; accepted forms: {SPEC_FORMS}")
-        if target.lower() == "self":
-            if model is None or tokenizer is None:
-                raise UserError(
-                    "user spec 'model:self' reuses the model under evaluation, but no model "
-                    "and tokenizer were given; pass them, or name a model: 'model:ALIAS_OR_PATH'"
-                )
-            return LocalUserBackend(model, tokenizer, sampling)
-        from ..models import load_model
+        target = model_target(spec, "user spec", UserError, SPEC_FORMS)
+        if target != SELF:
+            from ..models import load_model
 
-        loaded, tok = load_model(target)
-        return LocalUserBackend(loaded, tok, sampling, name=f"model:{target}")
+            loaded, tok = load_model(target)
+            return LocalUserBackend(loaded, tok, sampling, name=f"model:{target}")
+        if model is None or tokenizer is None:
+            raise UserError(
+                "user spec 'model:self' reuses the model under evaluation, but no model "
+                "and tokenizer were given; pass them, or name a model: 'model:ALIAS_OR_PATH'"
+            )
+        return LocalUserBackend(model, tokenizer, sampling)
     if lowered.startswith("openai:"):
-        try:
-            url, name = split_url_model(text[len("openai:") :])
-        except OpenAIError as exc:
-            raise UserError(f"user spec {spec!r}: {exc}") from exc
+        url, name = openai_target(spec, "user spec", UserError)
         return OpenAIUserBackend(url, name or DEFAULT_OPENAI_USER_MODEL)
     raise UserError(f"unknown user spec {spec!r}; accepted forms: {SPEC_FORMS}")
 

@@ -22,7 +22,8 @@ from typing import Any
 
 from ..errors import PersonaCompassError
 from ..generation import SamplingConfig
-from .openai_client import OpenAIClient, OpenAIError, split_url_model
+from ..specs import openai_target, spec_text
+from .openai_client import OpenAIClient
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +47,12 @@ def parse_generator_spec(spec: str) -> tuple[str, str | None]:
         >>> parse_generator_spec("openai:http://127.0.0.1:8000/v1#Qwen/Qwen3-8B")
         ('http://127.0.0.1:8000/v1', 'Qwen/Qwen3-8B')
     """
-    text = spec.strip() if isinstance(spec, str) else ""
-    if not text.lower().startswith(GENERATOR_PREFIX):
+    if not spec_text(spec).lower().startswith(GENERATOR_PREFIX):
         raise GeneratorError(
             f"generator spec {spec!r} is not understood; write 'openai:URL' or "
             "'openai:URL#MODEL', e.g. 'openai:http://127.0.0.1:8000/v1#Qwen/Qwen3-8B'"
         )
-    try:
-        return split_url_model(text[len(GENERATOR_PREFIX) :])
-    except OpenAIError as exc:
-        raise GeneratorError(f"generator spec {spec!r}: {exc}") from exc
+    return openai_target(spec, "generator spec", GeneratorError)
 
 
 class OpenAIGenerator:

@@ -45,7 +45,8 @@ from ..chat import render_chat
 from ..errors import PersonaCompassError
 from ..generation import left_pad
 from ..record import padded_position_ids
-from .openai_client import ClientOptions, OpenAIClient, OpenAIError, split_url_model
+from ..specs import SELF, model_target, openai_target, spec_text
+from .openai_client import ClientOptions, OpenAIClient
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -513,29 +514,23 @@ def make_judge(spec: str, *, model: Any = None, tokenizer: Any = None) -> Judge:
         >>> make_judge("heuristic").name
         'heuristic'
     """
-    text = spec.strip() if isinstance(spec, str) else ""
-    lowered = text.lower()
+    lowered = spec_text(spec).lower()
     if lowered == "none":
         return NoJudge()
     if lowered == "heuristic":
         return HeuristicJudge()
     if lowered.startswith("model:"):
-        target = text[len("model:") :].strip()
-        if not target:
-            raise JudgeError(f"judge spec {spec!r} names no model; accepted forms: {SPEC_FORMS}")
-        if target.lower() == "self":
-            if model is None or tokenizer is None:
-                raise JudgeError(
-                    "judge spec 'model:self' reuses the model being studied, but no model and "
-                    "tokenizer were given; pass them, or name a model: 'model:ALIAS_OR_PATH'"
-                )
-            return ModelJudge(model, tokenizer)
-        return ModelJudge(target)
+        target = model_target(spec, "judge spec", JudgeError, SPEC_FORMS)
+        if target != SELF:
+            return ModelJudge(target)
+        if model is None or tokenizer is None:
+            raise JudgeError(
+                "judge spec 'model:self' reuses the model being studied, but no model and "
+                "tokenizer were given; pass them, or name a model: 'model:ALIAS_OR_PATH'"
+            )
+        return ModelJudge(model, tokenizer)
     if lowered.startswith("openai:"):
-        try:
-            url, name = split_url_model(text[len("openai:") :])
-        except OpenAIError as exc:
-            raise JudgeError(f"judge spec {spec!r}: {exc}") from exc
+        url, name = openai_target(spec, "judge spec", JudgeError)
         return OpenAIJudge(url, name or DEFAULT_OPENAI_JUDGE_MODEL)
     raise JudgeError(f"unknown judge spec {spec!r}; accepted forms: {SPEC_FORMS}")
 

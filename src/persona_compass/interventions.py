@@ -154,7 +154,10 @@ class CapEngagement:
     def record(self, key: int, raised: Tensor) -> None:
         """Append one forward's mask (..., tokens) for the operator ``key``."""
         rows = raised.reshape(-1, raised.shape[-1]) if raised.ndim >= 2 else raised.view(1, -1)
-        self._masks.setdefault(key, DeviceBuffer(torch.bool)).append(rows)
+        buf = self._masks.get(key)
+        if buf is None:  # not setdefault: that would build a buffer on every forward
+            buf = self._masks[key] = DeviceBuffer(torch.bool)
+        buf.append(rows)
 
     def reset(self) -> None:
         """Forget every recorded position."""

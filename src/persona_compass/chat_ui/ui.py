@@ -21,6 +21,7 @@ from rich.text import Text
 from ..alerts import AlertRules
 from ..compass import Answer, CompassError, CompassSession, Delta, Steering
 from ..errors import PersonaCompassError
+from ..html_chart import snippet
 from ..transcripts import Transcript, load_transcripts, save_transcript
 from .commands import (
     CHART_SUFFIXES,
@@ -567,14 +568,14 @@ class ChatUI:
             )
         for m in messages[-2:]:
             if m["role"] != "system":
-                self.info(Text.assemble((f"{m['role']}> ", "bold"), _clip(m["content"], 300)))
+                self.info(Text.assemble((f"{m['role']}> ", "bold"), snippet(m["content"], 300)))
         if system_prompt is not None:
             self.cmd_system(system_prompt)
         if session.mode == "adaptive" and session.cap_engaged:
             self.info("adaptive capping is engaged after the loaded turns", "cyan")
         if pending is not None:
             self.info(Text.assemble(("the transcript ends with a user turn: ", "dim"), "answering"))
-            self.info(Text.assemble((PROMPT_PLAIN, "bold cyan"), _clip(pending, 300)))
+            self.info(Text.assemble((PROMPT_PLAIN, "bold cyan"), snippet(pending, 300)))
             self.ask(pending)
 
 
@@ -583,8 +584,3 @@ def _stdin_is_tty() -> bool:
         return sys.stdin is not None and sys.stdin.isatty()
     except (AttributeError, ValueError):
         return False
-
-
-def _clip(text: str, limit: int) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"

@@ -110,14 +110,11 @@ def serve(
             f"the server needs fastapi and uvicorn ({exc}); pip install 'persona-compass[server]'"
         ) from None
     from ..bundles import resolve_bundle
-    from ..capping import CAPPING_FILE
+    from ..capping import CappingConfig
+    from ..compass import check_cap_mode
 
-    bundle = resolve_bundle(axis_spec)
-    if cap_mode != "off" and not (bundle / CAPPING_FILE).is_file():
-        raise click.ClickException(
-            f"--cap {cap_mode} needs a capping config, and {bundle} has no {CAPPING_FILE}; "
-            "use --cap off (requests can still send a capping window), or add one"
-        )
+    # fail before the model loads (requests can still send a capping window with --cap off)
+    check_cap_mode(cap_mode, CappingConfig.load_optional(resolve_bundle(axis_spec)))
     key = (api_key or "").strip() or None  # a blank key is no key
     if not is_loopback(host) and key is None:
         click.echo(

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import read_json_object
-from ..capping import CAPPING_FILE, CappingConfig
+from ..axis import AXIS_FILE, BUNDLE_FILE
+from ..calibration import CALIBRATION_FILE
+from ..capping import CAPPING_FILE, CAPPING_VECTORS_FILE, CappingConfig
 from ..errors import PersonaCompassError
 from .capability import CapabilityItem
 from .conditions import condition_slug
@@ -66,13 +68,14 @@ def json_digest(data: Any) -> str:
 def bundle_digest(folder: Path) -> str:
     """A hash of the bundle files that decide the readings and the caps."""
     h = hashlib.sha256()
-    for name in ("axis.safetensors", "bundle.json", "calibration.json", CAPPING_FILE):
+    for name in (AXIS_FILE, BUNDLE_FILE, CALIBRATION_FILE, CAPPING_FILE):
         path = folder / name
         h.update(name.encode())
         if path.is_file():
             h.update(hashlib.sha256(path.read_bytes()).digest())
-    for extra in sorted(folder.glob("capping.safetensors")):
-        h.update(hashlib.sha256(extra.read_bytes()).digest())
+    vectors = folder / CAPPING_VECTORS_FILE  # hashed without its name (as runs so far were)
+    if vectors.is_file():
+        h.update(hashlib.sha256(vectors.read_bytes()).digest())
     return h.hexdigest()[:20]
 
 
@@ -150,7 +153,6 @@ class EvaluationResult:
     generated: int = 0
     rejudged: int = 0
     skipped: int = 0
-    capability_planned: int = 0
     capability_done: int = 0
     seconds: float = 0.0
     answers: int = 0

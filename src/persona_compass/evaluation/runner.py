@@ -320,6 +320,7 @@ def run_evaluation(
         spec = model_spec or axis.model_id or "model"
     bundle_cap = CappingConfig.load_optional(folder)
     caps = {c.name: check_condition(c, axis, bundle_cap) for c in conds}
+    cap_digests = {name: capping_digest(cfg) for name, cfg in caps.items()}
 
     items: list[CapabilityItem] = []
     if capability:
@@ -387,7 +388,7 @@ def run_evaluation(
                     "settings": gen_settings,
                     "scenario": scen.to_dict(),
                     "condition": cond.to_dict(),
-                    "capping": capping_digest(caps[cond.name]),
+                    "capping": cap_digests[cond.name],
                 }
             )
             path = run_path(out, scen.id, cond.name)
@@ -413,7 +414,7 @@ def run_evaluation(
                     "items": settings["capability_items_digest"],
                     "n": len(items),
                     "condition": cond.to_dict(),
-                    "capping": capping_digest(caps.get(cond.name)),
+                    "capping": cap_digests.get(cond.name),
                 }
             )
             path = capability_path(out, cond.name)
@@ -425,7 +426,6 @@ def run_evaluation(
                 "was made with other settings; pass --force to redo it",
             )
             cap_plan.append((cond, key, path, existing))
-    result.capability_planned = len(cap_plan)
 
     def n_turns_of(scen: Scenario) -> int:
         return turns if turns is not None else scen.n_turns

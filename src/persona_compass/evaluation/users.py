@@ -253,9 +253,6 @@ class LocalUserBackend:
         messages = [[dict(m) for m in c] for c in conversations]
         return generate_chat(self.model, self.tokenizer, messages, self.sampling).texts
 
-    def complete(self, conversation: Sequence[Mapping[str, str]]) -> str:
-        return self.complete_many([conversation])[0]
-
 
 class OpenAIUserBackend:
     """An OpenAI-compatible server as the simulator (through the shared
@@ -295,9 +292,6 @@ class OpenAIUserBackend:
 
     def complete_many(self, conversations: Sequence[Sequence[Mapping[str, str]]]) -> list[str]:
         return self.client.chat_many(conversations, **self.params)
-
-    def complete(self, conversation: Sequence[Mapping[str, str]]) -> str:
-        return self.complete_many([conversation])[0]
 
     def close(self) -> None:
         self.client.close()

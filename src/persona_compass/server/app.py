@@ -369,8 +369,8 @@ def create_app_from_specs(
         from ..bundles import resolve_bundle
         from ..cli.common import load_axis_and_model
 
-        axis, model, tokenizer, spec = load_axis_and_model(axis_spec, model_spec, dtype)
         bundle = resolve_bundle(axis_spec)
+        axis, model, tokenizer, spec = load_axis_and_model(str(bundle), model_spec, dtype)
         cap = CappingConfig.load_optional(bundle)
         cfg = config if config.model_name else replace(config, model_name=spec)
         return CompassState(model, tokenizer, axis, cap, cfg)

@@ -31,11 +31,10 @@ from ..compass import (
 )
 from ..errors import PersonaCompassError
 from ..generation import SamplingConfig
-from ..html_chart import BAND_PERCENTILES
+from ..html_chart import BAND_PERCENTILES, calibration_bands
 from ..layers import normalize_layers
 from ..monitor import context_length
 from .config import ServerConfig
-from .responses import clean
 from .schemas import CappingSpec, ChatRequest, RequestError
 from .worker import GenerationWorker
 
@@ -242,22 +241,20 @@ class CompassState:
         name = None
         if plan.mode != "off" and plan.cap_config is not None:
             name = plan.cap_config.name or None
-        return clean(
-            {
-                "turn": reading.to_dict(),
-                "history": [t.to_dict() for t in answer.history],
-                "alerts": [a.to_dict() for a in reading.alerts],
-                "alert": bool(reading.alerts),
-                "cap": {
-                    "mode": plan.mode,
-                    "capped": reading.capped,
-                    "engagement": reading.cap_engagement,
-                    "engaged_next": answer.cap_engaged_next,
-                    "config": name,
-                },
-                "monitor_layer": self.axis.layer,
-            }
-        )
+        return {
+            "turn": reading.to_dict(),
+            "history": [t.to_dict() for t in answer.history],
+            "alerts": [a.to_dict() for a in reading.alerts],
+            "alert": bool(reading.alerts),
+            "cap": {
+                "mode": plan.mode,
+                "capped": reading.capped,
+                "engagement": reading.cap_engagement,
+                "engaged_next": answer.cap_engaged_next,
+                "config": name,
+            },
+            "monitor_layer": self.axis.layer,
+        }
 
     def compass_info(self) -> dict[str, Any]:
         """``GET /v1/compass``: the monitor layer's calibration bands and the settings."""
@@ -266,28 +263,22 @@ class CompassState:
     def _compass_info(self) -> dict[str, Any]:
         cal = self.axis.calibration
         layer = self.axis.layer
-        bands: dict[str, float | None] = {}
-        for p in BAND_PERCENTILES:
-            value = None
-            if cal is not None:
-                try:
-                    value = float(cal.threshold(layer, p))
-                except (ValueError, PersonaCompassError):
-                    value = None
-            bands[f"p{p}"] = value
+        try:
+            known = calibration_bands(cal, layer) or {}
+        except (ValueError, PersonaCompassError):
+            known = {}
+        bands = {f"p{p}": known.get(f"p{p}") for p in BAND_PERCENTILES}
         cap = self.capping_config
-        return clean(
-            {
-                "model": self.model_name,
-                "monitor_layer": layer,
-                "n_layers": self.axis.n_layers,
-                "calibrated": cal is not None,
-                "bands": bands,
-                "cap_mode": self.config.cap_mode,
-                "capping": (cap.name or None) if cap is not None else None,
-                "capping_layers": list(cap.layers) if cap is not None else None,
-                "rules": self.rules.to_dict(),
-                "max_tokens_limit": self.config.max_tokens_limit,
-                "default_max_tokens": self.default_max_tokens,
-            }
-        )
+        return {
+            "model": self.model_name,
+            "monitor_layer": layer,
+            "n_layers": self.axis.n_layers,
+            "calibrated": cal is not None,
+            "bands": bands,
+            "cap_mode": self.config.cap_mode,
+            "capping": (cap.name or None) if cap is not None else None,
+            "capping_layers": list(cap.layers) if cap is not None else None,
+            "rules": self.rules.to_dict(),
+            "max_tokens_limit": self.config.max_tokens_limit,
+            "default_max_tokens": self.default_max_tokens,
+        }

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .capability import accuracy_with_ci, paired_difference_ci
-from .conditions import BASELINE
+from .conditions import BASELINE, parse_condition
 from .metrics import (
     OUTCOME_KEYS,
     TurnRecord,
@@ -114,7 +114,7 @@ def _capability(out: Path, settings: Mapping[str, Any], base_name: str) -> dict[
     for cond in conds:
         if cond["name"] == base_name:
             continue
-        single = cond["mode"] == "on" or bool(cond["steering"])
+        single = parse_condition(cond["spec"]).modifies_single_turn
         if not single:
             row = dict(rows[0])
             row.update(condition=cond["name"], same_as=base_name)
@@ -183,7 +183,7 @@ def collect_results(out_dir: str | Path) -> dict[str, Any]:
     settings = read_settings(out)
     conds = [c["name"] for c in settings["conditions"]]
     baseline = next(
-        (c["name"] for c in settings["conditions"] if c["mode"] == "off" and not c["steering"]),
+        (c["name"] for c in settings["conditions"] if parse_condition(c["spec"]).is_baseline),
         None,
     )
     runs: list[dict[str, Any]] = []

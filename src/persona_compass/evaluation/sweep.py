@@ -60,7 +60,7 @@ def sweep_table(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         is_sweep = (
             cond["cap_source"] == "calibrate" and cond["mode"] == "on" and not cond["steering"]
         )
-        if not (is_sweep or (cond["mode"] == "off" and not cond["steering"])):
+        if not (is_sweep or parse_condition(cond["spec"]).is_baseline):
             continue
         agg = by_condition.get(name, {})
         cap = capability.get(name, {})

@@ -560,8 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from persona_compass.atomic import write_json
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, result)
+    write_json(args.out, result)  # creates the folder
     print()
     print_table(result["configs"])
     comparison = result.get("comparison")

@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..alerts import AlertRules
-from ..compass import Answer, CompassError, CompassSession, Delta, Steering
+from ..compass import CAP_MODES, Answer, CompassError, CompassSession, Delta, Steering
 from ..errors import PersonaCompassError
 from ..html_chart import snippet
 from ..transcripts import Transcript, load_transcripts, save_transcript
@@ -362,7 +362,7 @@ class ChatUI:
         if not args:
             self.info(f"capping: {self._cap_state()}")
             return
-        if len(args) != 1 or args[0].lower() not in ("on", "off", "adaptive"):
+        if len(args) != 1 or args[0].lower() not in CAP_MODES:
             raise usage_error("/cap", f"unknown capping mode {' '.join(args)!r}")
         try:
             self.session.set_mode(args[0].lower())

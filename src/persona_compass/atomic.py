@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,18 @@ def write_text(target: str | os.PathLike[str], text: str) -> None:
 def write_json(target: str | os.PathLike[str], data: Any) -> None:
     """Atomically write pretty-printed JSON."""
     write_text(target, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def copy_contents(src: Path, dst: Path, skip: Iterable[str] = ()) -> None:
+    """Copy every item of folder ``src`` into ``dst`` (links kept as links), except ``skip``."""
+    skipped = set(skip)
+    for item in src.iterdir():
+        if item.name in skipped:
+            continue
+        if item.is_dir():
+            shutil.copytree(item, dst / item.name, symlinks=True)
+        else:
+            shutil.copy2(item, dst / item.name, follow_symlinks=False)
 
 
 @contextmanager

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import pickle
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from . import __version__
-from .atomic import atomic_dir, read_json_object
+from .atomic import atomic_dir, copy_contents, read_json_object
 from .calibration import CALIBRATION_FILE, Calibration
 from .errors import AxisFileError, LayerError, PersonaCompassError, UnsafeFileError
 from .layers import find_decoder_blocks, normalize_layer
@@ -421,13 +420,7 @@ class Axis:
         own = {AXIS_FILE, BUNDLE_FILE, CALIBRATION_FILE}
         with atomic_dir(target) as tmp:
             if target.is_dir():
-                for item in target.iterdir():
-                    if item.name in own:
-                        continue
-                    if item.is_dir():
-                        shutil.copytree(item, tmp / item.name, symlinks=True)
-                    else:
-                        shutil.copy2(item, tmp / item.name, follow_symlinks=False)
+                copy_contents(target, tmp, skip=own)
             save_file(
                 self._tensors(),
                 str(tmp / AXIS_FILE),

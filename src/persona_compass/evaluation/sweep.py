@@ -13,12 +13,11 @@ through the ordinary evaluation (:func:`~.runner.run_evaluation`), then
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_dir
+from ..atomic import atomic_dir, copy_contents
 from ..axis import Axis
 from ..bundles import resolve_bundle, shipped_bundles
 from ..capping import CappingConfig
@@ -201,10 +200,6 @@ def write_capping_bundle(
     meta = {**dict(config.metadata), **dict(note or {})}
     config = dataclasses.replace(config, metadata=meta)
     with atomic_dir(dst) as tmp:
-        for item in src.iterdir():
-            if item.is_dir():
-                shutil.copytree(item, tmp / item.name, symlinks=True)
-            else:
-                shutil.copy2(item, tmp / item.name, follow_symlinks=False)
+        copy_contents(src, tmp)
         config.save(tmp)
     return dst

@@ -130,20 +130,66 @@ class DriftMonitor:
     ) -> None:
         blocks = find_decoder_blocks(model, block_path)
         axis.check_model(model)
-        self.layer = normalize_layer(axis.layer if layer is None else layer, len(blocks))
+        chosen = normalize_layer(axis.layer if layer is None else layer, len(blocks))
+        self._setup(axis, chosen, calibration, rules, on_alert, capacity)
+        self._block: nn.Module | None = blocks[self.layer]
+
+    def _setup(
+        self,
+        axis: Axis,
+        layer: int,
+        calibration: Calibration | None,
+        rules: AlertRules | None,
+        on_alert: Callable[[Alert], None] | None,
+        capacity: int,
+    ) -> None:
+        self.layer = layer
         self.axis = axis
         self.calibration = calibration if calibration is not None else axis.calibration
         self.tracker = AlertTracker(rules, [on_alert] if on_alert is not None else [])
         self.turns: list[TurnReading] = []
-        self._block = blocks[self.layer]
         self._buffer = DeviceBuffer(torch.float32, capacity)
         self._unit: torch.Tensor | None = None
         self._handle: Any = None
+
+    @classmethod
+    def from_projections(
+        cls,
+        axis: Axis,
+        projections: torch.Tensor,
+        *,
+        layer: int | None = None,
+        calibration: Calibration | None = None,
+        rules: AlertRules | None = None,
+        on_alert: Callable[[Alert], None] | None = None,
+    ) -> DriftMonitor:
+        """A monitor over projections measured elsewhere (a serving engine), not attached to
+        a model: ``read``, ``measure_turn`` and ``end_turn`` work as after a live run.
+
+        ``projections`` is one sequence's per-position values (n_tokens,).
+        """
+        self = cls.__new__(cls)
+        chosen = normalize_layer(axis.layer if layer is None else layer, axis.n_layers)
+        self._setup(axis, chosen, calibration, rules, on_alert, max(1, projections.numel()))
+        self._block = None
+        self.load(projections)
+        return self
+
+    def load(self, projections: torch.Tensor) -> None:
+        """Replace the token buffer with one sequence's projections (n_tokens,)."""
+        self._buffer.reset()
+        if projections.numel():
+            self._buffer.append(projections.detach().float().reshape(1, -1))
 
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> DriftMonitor:
         if self._handle is not None:
             raise PersonaCompassError("this DriftMonitor is already active; use a new one")
+        if self._block is None:
+            raise PersonaCompassError(
+                "this DriftMonitor reads projections measured elsewhere and has no model "
+                "to watch; make one with DriftMonitor(model, axis)"
+            )
         self._handle = self._block.register_forward_hook(self._hook)
         return self
 

@@ -1,0 +1,191 @@
+"""The compass as one tensor op per decoder layer, for serving engines that batch requests.
+
+A serving engine runs many requests in one forward: the tokens of every request sit in one
+(tokens, d_model) matrix. :class:`CompassTables` holds persistent tensors that say, per token,
+which request slot it belongs to, and per slot and layer, the steering coefficient, the cap
+threshold and which cap vector applies. :func:`apply_compass` reads those tables, steers and
+caps every token at once, records each token's projection on the monitor layer and where
+the cap raised it, and returns the new layer output. It has no Python branch on the data
+and no host sync, so the same kernels serve any mix of requests and can be captured in a
+CUDA graph; changing a request's settings is a write into its slot's row.
+
+Slot 0 is the null slot (no steering, cap threshold -inf): padding tokens and requests
+without compass settings use it.
+
+Per layer, with ``V`` the layer's table of unit cap vectors (row 0 is the axis' unit vector
+``u``), ``G = V Vᵀ``, ``s`` each token's slot and ``h`` the block output in float32::
+
+    P0    = h Vᵀ                                  projections before any change
+    alpha = steer[s]                              steering: h <- h + alpha u
+    p     = P0[vid] + alpha G[0, vid]              the cap vector's projection after steering
+    e     = max(tau[s] - p, 0)                    how far below the floor
+    C     = alpha onehot(0) + e onehot(vid)       the change, in the basis V
+    out   = h + C V
+    read  = (P0 + C G)[:, 0]                      projection on u after the change
+
+This is the ``hf`` engine's steering (``h + alpha u``) followed by its floor cap
+(``h + max(tau - h·v, 0) v``), computed in float32 and rounded once to the model's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+NULL_SLOT = 0
+OP_NAME = "persona_compass::steer_cap"
+
+
+class CompassTables:
+    """The persistent per-slot and per-token tensors that :func:`apply_compass` reads.
+
+    Args:
+        axis_units: layer -> the axis' unit vector there (d_model,), for every layer the op
+            runs on.
+        monitor_layer: the layer whose projections are recorded (must be in ``axis_units``).
+        max_tokens: the most tokens one forward carries (the engine's batch token budget).
+        max_slots: how many requests can hold compass settings at once (slot 0 included).
+        vectors_per_layer: cap vectors a layer can hold (row 0 is the axis' unit vector).
+        device: where the tables live (the model's device).
+    """
+
+    def __init__(
+        self,
+        axis_units: Mapping[int, Tensor],
+        monitor_layer: int,
+        *,
+        max_tokens: int,
+        max_slots: int,
+        vectors_per_layer: int = 4,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if monitor_layer not in axis_units:
+            raise ValueError(f"monitor layer {monitor_layer} is not among the op layers")
+        if max_slots < 2 or max_tokens < 1 or vectors_per_layer < 1:
+            raise ValueError("max_slots >= 2, max_tokens >= 1 and vectors_per_layer >= 1")
+        self.layers: tuple[int, ...] = tuple(sorted(axis_units))
+        self.position = {layer: i for i, layer in enumerate(self.layers)}
+        self.monitor_layer = monitor_layer
+        self.max_tokens, self.max_slots = max_tokens, max_slots
+        n_layers, dev = len(self.layers), torch.device(device)
+        d_model = int(next(iter(axis_units.values())).shape[0])
+        self.d_model = d_model
+        self.vectors = torch.zeros(n_layers, vectors_per_layer, d_model, device=dev)
+        for layer, unit in axis_units.items():
+            vec = unit.detach().to(dev, torch.float32).reshape(-1)
+            self.vectors[self.position[layer], 0] = vec / vec.norm()
+        self.gram = torch.zeros(n_layers, vectors_per_layer, vectors_per_layer, device=dev)
+        self._refresh_gram()
+        self.used_vectors = [1] * n_layers  # rows filled per layer (row 0: the axis)
+        self.token_slot = torch.zeros(max_tokens, dtype=torch.long, device=dev)
+        self.steer = torch.zeros(max_slots, n_layers, device=dev)
+        self.tau = torch.full((max_slots, n_layers), float("-inf"), device=dev)
+        self.vector_index = torch.zeros(max_slots, n_layers, dtype=torch.long, device=dev)
+        self.readings = torch.zeros(max_tokens, device=dev)
+        self.raised = torch.zeros(max_tokens, n_layers, dtype=torch.bool, device=dev)
+
+    def _refresh_gram(self) -> None:
+        self.gram.copy_(self.vectors @ self.vectors.transpose(1, 2))
+
+    # -- settings (host side, between steps) ------------------------------------------------
+    def add_vector(self, layer: int, vector: Tensor) -> int:
+        """Put a cap vector into ``layer``'s table (once); returns its row."""
+        i = self.position[layer]
+        vec = vector.detach().to(self.vectors.device, torch.float32).reshape(-1)
+        vec = vec / vec.norm()
+        for row in range(self.used_vectors[i]):
+            if torch.equal(self.vectors[i, row], vec):
+                return row
+        row = self.used_vectors[i]
+        if row >= self.vectors.shape[1]:
+            raise RuntimeError(
+                f"layer {layer} already holds {row} cap vectors; start the engine with more "
+                "vectors_per_layer to serve more capping configs at once"
+            )
+        self.vectors[i, row] = vec
+        self.used_vectors[i] = row + 1
+        self._refresh_gram()
+        return row
+
+    def set_slot(
+        self,
+        slot: int,
+        *,
+        caps: Sequence[tuple[int, int, float]] = (),
+        steer: Sequence[tuple[int, float]] = (),
+    ) -> None:
+        """Write one request's settings: caps ``(layer, vector row, tau)``, steering
+        ``(layer, alpha)`` adding ``alpha`` times the axis' unit vector."""
+        if not 0 < slot < self.max_slots:
+            raise ValueError(f"slot {slot} is outside 1..{self.max_slots - 1}")
+        self.clear_slot(slot)
+        for layer, row, tau in caps:
+            i = self.position[layer]
+            self.tau[slot, i] = float(tau)
+            self.vector_index[slot, i] = int(row)
+        for layer, alpha in steer:
+            self.steer[slot, self.position[layer]] = float(alpha)
+
+    def clear_slot(self, slot: int) -> None:
+        """Return a slot to the null settings."""
+        self.tau[slot] = float("-inf")
+        self.steer[slot] = 0.0
+        self.vector_index[slot] = 0
+
+
+# The tables the op reads: one set per process (a tensor-parallel rank is its own process).
+_ACTIVE: CompassTables | None = None
+
+
+def activate(tables: CompassTables | None) -> None:
+    """Make ``tables`` the ones the registered op reads (None: the op changes nothing)."""
+    global _ACTIVE
+    _ACTIVE = tables
+
+
+def active_tables() -> CompassTables | None:
+    return _ACTIVE
+
+
+def apply_compass(tables: CompassTables, layer: int, block_out: Tensor, addend: Tensor) -> Tensor:
+    """The compass on one layer: returns ``addend`` changed so that ``block_out`` changes
+    by the steering and cap of each token's slot.
+
+    ``block_out`` is the layer's output (tokens, d_model) and ``addend`` the part of it the
+    caller may replace (the whole output, or the MLP output beside a separate residual).
+    The monitor layer's projections and every cap's raised mask are written to the tables.
+    """
+    i = tables.position[layer]
+    n = block_out.shape[0]
+    slot = tables.token_slot[:n]
+    vectors, gram = tables.vectors[i], tables.gram[i]  # (K, D), (K, K)
+    h32 = block_out.to(torch.float32)
+    p0 = h32 @ vectors.T  # (n, K)
+    alpha = tables.steer[slot, i]  # (n,)
+    vid = tables.vector_index[slot, i].unsqueeze(1)  # (n, 1)
+    p = p0.gather(1, vid).squeeze(1) + alpha * gram[0].gather(0, vid.squeeze(1))
+    excess = (tables.tau[slot, i] - p).clamp_min(0.0)  # (n,); 0 where tau = -inf
+    tables.raised[:n, i] = excess > 0
+    change = torch.zeros_like(p0).scatter_(1, vid, excess.unsqueeze(1))
+    change[:, 0] += alpha
+    if layer == tables.monitor_layer:
+        tables.readings[:n] = p0[:, 0] + change @ gram[:, 0]
+    return (addend.to(torch.float32) + change @ vectors).to(addend.dtype)
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=())
+def steer_cap(hidden: Tensor, residual: Tensor | None, layer: int) -> Tensor:
+    """Opaque to torch.compile: the new ``hidden`` of a layer whose output is
+    ``hidden + residual`` (``residual`` None: the output is ``hidden``)."""
+    tables = _ACTIVE
+    if tables is None or layer not in tables.position:
+        return hidden.clone()
+    block = hidden if residual is None else hidden + residual
+    return apply_compass(tables, layer, block, hidden)
+
+
+@steer_cap.register_fake
+def _(hidden: Tensor, residual: Tensor | None, layer: int) -> Tensor:
+    return torch.empty_like(hidden)

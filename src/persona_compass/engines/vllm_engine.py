@@ -96,6 +96,9 @@ class VLLMEngine:
         compass: False starts plain vLLM (no plugin config): the baseline for benchmarks.
         vectors_per_layer: distinct cap vectors a layer can hold at once.
         kv_cache_gib: KV cache size on CPU (``VLLM_CPU_KVCACHE_SPACE``).
+        multiprocessing: run vLLM's engine core in its own process (needed for tensor
+            parallelism); default in this process, which is simpler and, with one worker,
+            as fast.
         **vllm_options: passed to ``vllm.LLM`` (``max_model_len``, ``max_num_seqs``,
             ``enforce_eager``, ``tensor_parallel_size``, ``enable_prefix_caching``, ...).
 
@@ -117,6 +120,7 @@ class VLLMEngine:
         compass: bool = True,
         vectors_per_layer: int = 4,
         kv_cache_gib: int = 1,
+        multiprocessing: bool = False,
         **vllm_options: Any,
     ) -> None:
         from transformers import AutoTokenizer, GenerationConfig
@@ -136,6 +140,10 @@ class VLLMEngine:
         if bad:
             raise EngineError(f"layers {bad} are outside the model's 0..{self.axis.n_layers - 1}")
         self.layers = tuple(sorted(op_layers)) if compass else ()
+        if int(vllm_options.get("tensor_parallel_size", 1)) > 1:
+            multiprocessing = True
+        # vLLM reads this when the engine starts: set it for every engine, not just the first.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocessing else "0"
         vllm = _import_vllm()
         if torch.cuda.is_available() is False:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))
@@ -248,6 +256,9 @@ class VLLMEngine:
             stop=None if probe else list(req.stop) or None,
             stop_token_ids=self._end_ids,
             skip_special_tokens=True,
+            # Readings of prompt positions exist only where vLLM computes them: a request
+            # that reads its history must not take its prefix from the cache.
+            skip_reading_prefix_cache=probe or req.read_history,
             extra_args={CONFIG_KEY: settings},
         )
 
@@ -305,6 +316,7 @@ class VLLMEngine:
             plan = plans[i]
             values, _ = self._values(readings.get(param.extra_args[CONFIG_KEY]["id"]))
             n = len(history_chat.input_ids)
+            self._check_read(values, 0, n)
             mon = self._monitor(values[:n], plan.request.rules)
             history = _history_readings(mon, history_chat.spans)
             state = AdaptiveCap(plan.request.policy)
@@ -328,12 +340,15 @@ class VLLMEngine:
         )
 
     def _monitor(self, projections: torch.Tensor, rules: AlertRules | None) -> DriftMonitor:
-        if torch.isnan(projections).any():
+        return DriftMonitor.from_projections(self.axis, projections, rules=rules)
+
+    @staticmethod
+    def _check_read(projections: torch.Tensor, start: int, end: int) -> None:
+        if end > start and torch.isnan(projections[start:end]).any():
             raise EngineError(
                 "some tokens have no compass reading: the compass op did not run on every "
                 "step (a stale vLLM compile cache, or a vLLM release this engine does not know)"
             )
-        return DriftMonitor.from_projections(self.axis, projections, rules=rules)
 
     def _answer(self, plan: _Plan, output: Any, reading: Any) -> Answer:
         req, rendered = plan.request, plan.rendered
@@ -356,16 +371,19 @@ class VLLMEngine:
         fed = prompt_len + max(len(ids) - 1, 0)
         projections, raised = self._values(reading)
         projections, raised = projections[:fed], raised[:fed]
+        end = prompt_len + n_content
+        self._check_read(projections, prompt_len, min(end, fed))
         if plan.monitor is not None:
             mon = plan.monitor
             mon.load(projections)
-            self._monitor(projections, None)  # the NaN check
         else:
             mon = self._monitor(projections, req.rules)
-        end = prompt_len + n_content
         history = plan.history
         if history is None:
-            history = _history_readings(mon, rendered.spans)
+            history = []
+            if req.read_history:
+                self._check_read(projections, 0, prompt_len)
+                history = _history_readings(mon, rendered.spans)
         tokens = mon.read(prompt_len, end)
         engagement = None
         if plan.cap is not None:

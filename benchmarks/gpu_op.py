@@ -105,7 +105,7 @@ def check_graph_correctness(op, d_model: int = 576) -> dict:
     expect_steered = (block[4:] @ unit.to(dev)) - 4.0
     results["steered_rows_max_err"] = float((proj[4:] - expect_steered).abs().max())
     results["readings_match_max_err"] = float((tables.readings[:8] - proj).abs().max())
-    results["raised_rows"] = tables.raised[:8, 0].int().tolist()
+    results["raised_rows"] = tables.raised[0, :8].int().tolist()
     return results
 
 
@@ -129,7 +129,7 @@ def layer_standin(d_model: int, q: int, kv: int, inter: int, tokens: int):
     return step
 
 
-def op_standin(op, d_model: int, tokens: int):
+def op_standin(op, d_model: int, tokens: int, compiled: bool = False):
     dev, dt = "cuda", torch.bfloat16
     units = {
         layer: torch.nn.functional.normalize(torch.randn(d_model), dim=0)
@@ -145,9 +145,10 @@ def op_standin(op, d_model: int, tokens: int):
     hidden = torch.randn(tokens, d_model, device=dev, dtype=dt)
     residual = torch.randn(tokens, d_model, device=dev, dtype=dt)
     out = torch.empty_like(hidden)
+    apply = torch.compile(op.apply_compass, dynamic=False) if compiled else op.apply_compass
 
     def step():  # one layer's op (the cost per capped layer)
-        out.copy_(op.apply_compass(tables, 0, hidden + residual, hidden))
+        out.copy_(apply(tables, 0, hidden + residual, hidden))
 
     return step
 
@@ -167,6 +168,10 @@ def main(path: str) -> None:
                 graphed(layer_standin(d_model, q, kv, inter, tokens))
             )
             op_med, op_lo, op_hi = time_graph(graphed(op_standin(op, d_model, tokens)))
+            try:  # what fusing the op's kernels (torch.compile) would save: not shipped
+                fused = round(time_graph(graphed(op_standin(op, d_model, tokens, True)))[0], 2)
+            except Exception as exc:  # noqa: BLE001 - recorded, not fatal
+                fused = f"failed: {type(exc).__name__}: {exc}"[:300]
             row = {
                 "model": name,
                 "tokens": tokens,
@@ -175,6 +180,7 @@ def main(path: str) -> None:
                 "op_us": round(op_med, 2),
                 "op_us_range": [round(op_lo, 2), round(op_hi, 2)],
                 "op_share_of_layer": round(op_med / layer_med, 4),
+                "op_compiled_us": fused,
             }
             report["rows"].append(row)
             print(json.dumps(row), flush=True)

@@ -35,7 +35,7 @@ def test_null_slot_leaves_the_layer_bit_identical():
     hidden, residual = _hidden()
     out = apply_compass(tables, 3, hidden + residual, hidden)
     assert torch.equal(out, hidden)
-    assert not tables.raised[:6].any()
+    assert not tables.raised[:, :6].any()
 
 
 def test_cap_equals_the_hf_floor_and_keeps_the_projection_at_the_threshold():
@@ -52,7 +52,7 @@ def test_cap_equals_the_hf_floor_and_keeps_the_projection_at_the_threshold():
     torch.testing.assert_close(out + residual, expected, rtol=0, atol=1e-4)
     proj = (out + residual) @ unit
     assert (proj >= tau - 1e-4).all()
-    raised = tables.raised[:6, 0]
+    raised = tables.raised[0, :6]
     assert raised.tolist() == ((block @ unit) < tau).tolist()
     assert raised.any() and not raised.all()  # the test exercises both branches
 

@@ -218,7 +218,7 @@ class _AnswerStreamer(BaseStreamer):
             self._emit(final=True)
 
 
-def _history_readings(mon: DriftMonitor, spans: Sequence[Any]) -> list[TurnReading]:
+def history_readings(mon: DriftMonitor, spans: Sequence[Any]) -> list[TurnReading]:
     """Readings of the conversation's earlier turns, from the prompt's own forward pass.
 
     Assistant turns go through the monitor's alert rules; the readings are not kept.
@@ -310,7 +310,7 @@ def generate_answer(
         )
     history: list[TurnReading] = []
     if read_history:
-        history = _history_readings(mon, rendered.spans)
+        history = history_readings(mon, rendered.spans)
     n_content = len(streamer.ids)
     if streamer.stopped:
         # keep only the tokens of the text before the stop string
@@ -544,7 +544,7 @@ def respond(
         device = next(model.parameters()).device
         with torch.inference_mode(), mon:
             model(input_ids=torch.tensor([rendered.input_ids], device=device), use_cache=False)
-        history = _history_readings(mon, rendered.spans)  # the tracker now holds them too
+        history = history_readings(mon, rendered.spans)  # the tracker now holds them too
         for reading in history:
             if reading.role == "assistant":
                 adaptive.update(reading)

@@ -68,9 +68,13 @@ def left_pad(
 
 def eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
     """Every token id that ends a turn for this model (generation config and tokenizer)."""
+    return end_of_turn_ids(getattr(model, "generation_config", None), tokenizer)
+
+
+def end_of_turn_ids(generation_config: Any, tokenizer: Any) -> list[int]:
+    """Every token id that ends a turn: the generation config's and the tokenizer's EOS."""
     ids: set[int] = set()
-    cfg = getattr(model, "generation_config", None)
-    eos = getattr(cfg, "eos_token_id", None)
+    eos = getattr(generation_config, "eos_token_id", None)
     if isinstance(eos, int):
         ids.add(eos)
     elif isinstance(eos, (list, tuple)):

@@ -13,15 +13,18 @@ Slot 0 is the null slot (no steering, cap threshold -inf): padding tokens and re
 without compass settings use it.
 
 Per layer, with ``V`` the layer's table of unit cap vectors (row 0 is the axis' unit vector
-``u``), ``G = V Vᵀ``, ``s`` each token's slot and ``h`` the block output in float32::
+``u``), ``G = V Vᵀ``, ``s`` each token's slot, ``alpha, tau, sel = params[s]`` (steering
+coefficient, floor, one-hot choice of cap vector) and ``h`` the block output in float32::
 
     P0    = h Vᵀ                                  projections before any change
-    alpha = steer[s]                              steering: h <- h + alpha u
-    p     = P0[vid] + alpha G[0, vid]              the cap vector's projection after steering
-    e     = max(tau[s] - p, 0)                    how far below the floor
-    C     = alpha onehot(0) + e onehot(vid)       the change, in the basis V
+    p     = (P0 + alpha G[0]) · sel               the cap vector's projection after steering
+    e     = max(tau - p, 0)                       how far below the floor
+    C     = alpha onehot(0) + e sel               the change, in the basis V
     out   = h + C V
-    read  = (P0 + C G)[:, 0]                      projection on u after the change
+    read  = P0[:, 0] + C G[:, 0]                  projection on u after the change
+
+Every per-token setting comes from one row gather (``params[s]``), so a layer costs two
+small matrix products and a handful of element-wise kernels whatever the batch holds.
 
 This is the ``hf`` engine's steering (``h + alpha u``) followed by its floor cap
 (``h + max(tau - h·v, 0) v``), computed in float32 and rounded once to the model's dtype.
@@ -80,11 +83,13 @@ class CompassTables:
         self._refresh_gram()
         self.used_vectors = [1] * n_layers  # rows filled per layer (row 0: the axis)
         self.token_slot = torch.zeros(max_tokens, dtype=torch.long, device=dev)
-        self.steer = torch.zeros(max_slots, n_layers, device=dev)
-        self.tau = torch.full((max_slots, n_layers), float("-inf"), device=dev)
-        self.vector_index = torch.zeros(max_slots, n_layers, dtype=torch.long, device=dev)
+        # per layer and slot: [alpha, tau, sel_0 .. sel_{K-1}] (one gather per layer and step)
+        self.params = torch.zeros(n_layers, max_slots, 2 + vectors_per_layer, device=dev)
+        self.params[:, :, 1] = float("-inf")
         self.readings = torch.zeros(max_tokens, device=dev)
-        self.raised = torch.zeros(max_tokens, n_layers, dtype=torch.bool, device=dev)
+        self.raised = torch.zeros(n_layers, max_tokens, dtype=torch.bool, device=dev)
+        self._first = torch.zeros(vectors_per_layer, device=dev)
+        self._first[0] = 1.0
 
     def _refresh_gram(self) -> None:
         self.gram.copy_(self.vectors @ self.vectors.transpose(1, 2))
@@ -123,16 +128,27 @@ class CompassTables:
         self.clear_slot(slot)
         for layer, row, tau in caps:
             i = self.position[layer]
-            self.tau[slot, i] = float(tau)
-            self.vector_index[slot, i] = int(row)
+            if not 0 <= row < self.used_vectors[i]:
+                raise ValueError(f"layer {layer} has no cap vector in row {row}")
+            self.params[i, slot, 1] = float(tau)
+            self.params[i, slot, 2 + int(row)] = 1.0
         for layer, alpha in steer:
-            self.steer[slot, self.position[layer]] = float(alpha)
+            self.params[self.position[layer], slot, 0] = float(alpha)
 
     def clear_slot(self, slot: int) -> None:
         """Return a slot to the null settings."""
-        self.tau[slot] = float("-inf")
-        self.steer[slot] = 0.0
-        self.vector_index[slot] = 0
+        self.params[:, slot] = 0.0
+        self.params[:, slot, 1] = float("-inf")
+
+    @property
+    def tau(self) -> Tensor:
+        """(max_slots, n_layers) floors (-inf: no cap)."""
+        return self.params[:, :, 1].T
+
+    @property
+    def steer(self) -> Tensor:
+        """(max_slots, n_layers) steering coefficients."""
+        return self.params[:, :, 0].T
 
 
 # The tables the op reads: one set per process (a tensor-parallel rank is its own process).
@@ -159,20 +175,17 @@ def apply_compass(tables: CompassTables, layer: int, block_out: Tensor, addend: 
     """
     i = tables.position[layer]
     n = block_out.shape[0]
-    slot = tables.token_slot[:n]
     vectors, gram = tables.vectors[i], tables.gram[i]  # (K, D), (K, K)
-    h32 = block_out.to(torch.float32)
-    p0 = h32 @ vectors.T  # (n, K)
-    alpha = tables.steer[slot, i]  # (n,)
-    vid = tables.vector_index[slot, i].unsqueeze(1)  # (n, 1)
-    p = p0.gather(1, vid).squeeze(1) + alpha * gram[0].gather(0, vid.squeeze(1))
-    excess = (tables.tau[slot, i] - p).clamp_min(0.0)  # (n,); 0 where tau = -inf
-    tables.raised[:n, i] = excess > 0
-    change = torch.zeros_like(p0).scatter_(1, vid, excess.unsqueeze(1))
-    change[:, 0] += alpha
+    prm = tables.params[i].index_select(0, tables.token_slot[:n])  # (n, 2 + K)
+    alpha, tau, sel = prm[:, :1], prm[:, 1], prm[:, 2:]
+    p0 = block_out.to(torch.float32) @ vectors.T  # (n, K)
+    p = torch.linalg.vecdot(torch.addcmul(p0, alpha, gram[0]), sel)  # (n,)
+    excess = torch.relu(tau - p)  # 0 where tau = -inf (no cap)
+    torch.gt(excess, 0, out=tables.raised[i, :n])
+    change = torch.addcmul(alpha * tables._first, sel, excess.unsqueeze(1))  # (n, K)
     if layer == tables.monitor_layer:
-        tables.readings[:n] = p0[:, 0] + change @ gram[:, 0]
-    return (addend.to(torch.float32) + change @ vectors).to(addend.dtype)
+        torch.addmv(p0[:, 0], change, gram[:, 0], out=tables.readings[:n])
+    return torch.addmm(addend.to(torch.float32), change, vectors).to(addend.dtype)
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=())

@@ -28,7 +28,8 @@ from ..axis import Axis
 from ..bundles import resolve_bundle
 from ..capping import CappingConfig
 from ..chat import RenderedChat, render_chat
-from ..compass import AdaptiveCap, Answer, Steering, _history_readings
+from ..compass import AdaptiveCap, Answer, Steering, history_readings
+from ..generation import end_of_turn_ids
 from ..monitor import DriftMonitor, TurnReading
 from .base import CompassRequest, EngineError
 from .vllm_worker import CONFIG_KEY
@@ -132,7 +133,11 @@ class VLLMEngine:
         self.capping_config = capping_config
         self.folder = model_folder(model)
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
-        self._end_ids = self._end_token_ids(GenerationConfig, self.tokenizer)
+        try:
+            generation_config = GenerationConfig.from_pretrained(self.folder)
+        except OSError:  # a folder without generation_config.json
+            generation_config = None
+        self._end_ids = end_of_turn_ids(generation_config, self.tokenizer)
         op_layers = {self.axis.layer, *(int(x) for x in layers)}
         if capping_config is not None:
             op_layers.update(capping_config.layers)
@@ -166,23 +171,6 @@ class VLLMEngine:
             info = self.llm.collective_rpc("persona_compass_info")[0]
             if list(info["layers"]) != list(self.layers):
                 raise EngineError(f"the compass op runs on {info['layers']}, not {self.layers}")
-
-    @staticmethod
-    def _end_token_ids(generation_config: Any, tokenizer: Any) -> list[int]:
-        ids: set[int] = set()
-        try:
-            eos = generation_config.from_pretrained(
-                getattr(tokenizer, "name_or_path", "")
-            ).eos_token_id
-        except OSError:
-            eos = None
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, (list, tuple)):
-            ids.update(int(e) for e in eos)
-        if tokenizer.eos_token_id is not None:
-            ids.add(int(tokenizer.eos_token_id))
-        return sorted(ids)
 
     # -- settings -> extra_args -------------------------------------------------------------
     def _cap_entries(self, cap: CappingConfig) -> list[list[Any]]:
@@ -318,7 +306,7 @@ class VLLMEngine:
             n = len(history_chat.input_ids)
             self._check_read(values, 0, n)
             mon = self._monitor(values[:n], plan.request.rules)
-            history = _history_readings(mon, history_chat.spans)
+            history = history_readings(mon, history_chat.spans)
             state = AdaptiveCap(plan.request.policy)
             for reading in history:
                 if reading.role == "assistant":
@@ -383,7 +371,7 @@ class VLLMEngine:
             history = []
             if req.read_history:
                 self._check_read(projections, 0, prompt_len)
-                history = _history_readings(mon, rendered.spans)
+                history = history_readings(mon, rendered.spans)
         tokens = mon.read(prompt_len, end)
         engagement = None
         if plan.cap is not None:

@@ -200,7 +200,7 @@ class CompassRuntime:
         if any(row_ids):
             host_read, host_raised = self._host_read[k]
             host_read[:n].copy_(self.tables.readings[:n], non_blocking=True)
-            host_raised[:n].copy_(self.tables.raised[:n], non_blocking=True)
+            host_raised[:n].copy_(self.tables.raised[:, :n].T, non_blocking=True)
         event = None
         if self.on_gpu:  # guards this step's host buffers until the copies are done
             event = torch.cuda.Event()

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ChatTemplateError
+from .text import InvalidTextError, check_text
 
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
@@ -171,6 +172,10 @@ def _validate(messages: object) -> list[dict[str, str]]:
                 f"messages[{i}] ({role}) has content of type {type(content).__name__}; "
                 "content must be a string (join multi-part content into one text first)"
             )
+        try:
+            check_text(content, f"messages[{i}] ({role}) content")
+        except InvalidTextError as exc:
+            raise ChatTemplateError(str(exc)) from None
         out.append({"role": role, "content": content})
     return out
 
@@ -353,6 +358,57 @@ def _token_span(starts: list[int], ends: list[int], start: int, end: int) -> tup
     return first, stop
 
 
+def _control_ids(tokenizer: Any) -> set[int]:
+    """Ids of the tokenizer's special and added tokens: the template's control tokens."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return {int(i) for i in added} | {int(i) for i in getattr(tokenizer, "all_special_ids", ())}
+
+
+def _control_inside(
+    tokenizer: Any,
+    ids: list[int],
+    starts: list[int],
+    ends: list[int],
+    ranges: Sequence[tuple[int, int]],
+) -> bool:
+    """Whether a control token was made from a message's own text."""
+    control = _control_ids(tokenizer)
+    for token, a, b in zip(ids, starts, ends, strict=True):
+        if token in control and b > a:
+            if any(lo <= a and b <= hi for lo, hi in ranges):
+                return True
+    return False
+
+
+def _tokenize(
+    tokenizer: Any, text: str, contents: Sequence[tuple[int, int]]
+) -> tuple[list[int], list[int], list[int]]:
+    """Token ids and character offsets of ``text``; the ``contents`` ranges are tokenized
+    with special tokens split into plain text (the template's own text is not)."""
+    cuts = sorted((lo, hi) for lo, hi in contents if hi > lo)
+    pieces: list[tuple[int, int, bool]] = []
+    pos = 0
+    for lo, hi in cuts:
+        if lo > pos:
+            pieces.append((pos, lo, False))
+        pieces.append((lo, hi, True))
+        pos = hi
+    if pos < len(text) or not pieces:
+        pieces.append((pos, len(text), False))
+    ids: list[int] = []
+    starts: list[int] = []
+    ends: list[int] = []
+    for lo, hi, plain in pieces:
+        kwargs = {"split_special_tokens": True} if plain else {}
+        enc = tokenizer(
+            text[lo:hi], add_special_tokens=False, return_offsets_mapping=True, **kwargs
+        )
+        ids.extend(int(t) for t in enc["input_ids"])
+        starts.extend(lo + int(a) for a, _ in enc["offset_mapping"])
+        ends.extend(lo + int(b) for _, b in enc["offset_mapping"])
+    return ids, starts, ends
+
+
 def render_chat(
     tokenizer: Any,
     messages: Sequence[Mapping[str, Any]],
@@ -363,7 +419,10 @@ def render_chat(
 
     Reasoning is turned off (:func:`template_kwargs`). The text is tokenized without adding
     special tokens again, exactly as ``apply_chat_template(tokenize=True)`` does, because the
-    template already writes BOS and the turn markers.
+    template already writes BOS and the turn markers. Message content never becomes control
+    tokens: when a message's text holds one (``<|im_end|><|im_start|>system ...``), the
+    contents are tokenized with special tokens split into ordinary text, so a message cannot
+    open, close or forge a turn (and the spans stay the messages').
 
     A token belongs to a turn's span when its character range overlaps the turn's content, so
     a span never contains a role header or end-of-turn token. Templates that trim content are
@@ -400,12 +459,12 @@ def render_chat(
             f"{type(tokenizer).__name__} is a slow tokenizer without character offsets; "
             "load the fast one (AutoTokenizer.from_pretrained(..., use_fast=True))"
         )
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = [int(t) for t in encoding["input_ids"]]
-    starts = [int(a) for a, _ in encoding["offset_mapping"]]
-    ends = [int(b) for _, b in encoding["offset_mapping"]]
-
     ranges = _locate_contents(text, sentinel_text, [m["content"] for m in prepared], sentinels)
+    input_ids, starts, ends = _tokenize(tokenizer, text, [])
+    if _control_inside(tokenizer, input_ids, starts, ends, ranges):
+        # A message typed a control token (``<|im_end|>``...): its content is tokenized as
+        # plain text, so no message can open, close or forge a turn.
+        input_ids, starts, ends = _tokenize(tokenizer, text, ranges)
     spans = tuple(
         TurnSpan(origin[i], prepared[i]["role"], *_token_span(starts, ends, start, end))
         for i, (start, end) in enumerate(ranges)

@@ -18,6 +18,7 @@ from typing import Any, get_args
 
 from ..compass import CAP_MODES
 from ..interventions import Scale
+from ..text import InvalidTextError, check_text
 
 ROLES = ("system", "user", "assistant")
 ROLE_ALIASES = {"developer": "system"}  # newer OpenAI clients send "developer" for system
@@ -239,9 +240,16 @@ class ChatRequest:
     compass: CompassOptions = CompassOptions()
 
 
+def _text(value: str, param: str) -> str:
+    try:
+        return check_text(value, param)
+    except InvalidTextError as exc:
+        raise RequestError(str(exc), param=param) from None
+
+
 def _content(value: Any, param: str) -> str:
     if isinstance(value, str):
-        return value
+        return _text(value, param)
     if isinstance(value, list):
         texts = []
         for i, part in enumerate(value):
@@ -256,7 +264,7 @@ def _content(value: Any, param: str) -> str:
             text = part.get("text")
             if not isinstance(text, str):
                 raise RequestError(f"{where}.text must be a string", param=f"{where}.text")
-            texts.append(text)
+            texts.append(_text(text, f"{where}.text"))
         return "\n".join(texts)
     raise RequestError(
         f"{param} must be a string or a list of text parts, got {_type_name(value)}", param=param
@@ -305,7 +313,7 @@ def _stop(value: Any) -> tuple[str, ...]:
         raise RequestError(
             f"each stop string must be at most {MAX_STOP_CHARS} characters", param="stop"
         )
-    return tuple(s for s in items if s)
+    return tuple(_text(s, "stop") for s in items if s)
 
 
 def parse_chat_request(body: Any, *, max_tokens_limit: int) -> ChatRequest:

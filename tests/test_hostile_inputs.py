@@ -107,3 +107,52 @@ def test_forged_turn_markers_in_a_request_cost_their_text(client):
     hi = len(tok("hi", add_special_tokens=False)["input_ids"])
     assert forged_count == plain_count - hi + as_text
     assert [turn["role"] for turn in compass["history"]] == ["user"]
+
+
+# -- deeply nested or oversized JSON -------------------------------------------------------
+DEEP = "[" * 50_000 + "]" * 50_000
+
+
+def test_parse_json_refuses_deep_nesting_and_size_but_not_brackets_in_strings():
+    from persona_compass.jsonio import JSONInputError, parse_json
+
+    with pytest.raises(JSONInputError, match="deeper than 100 levels"):
+        parse_json(DEEP, "deep.json")
+    assert parse_json('{"text": "' + "[" * 500 + '"}', "ok.json") == {"text": "[" * 500}
+    with pytest.raises(JSONInputError, match="over the limit"):
+        parse_json("[1, 2, 3]", "big.json", max_chars=4)
+    with pytest.raises(JSONInputError, match="not valid JSON .* line 1"):
+        parse_json("{oops", "bad.json")
+
+
+def test_a_deep_transcript_is_an_error_and_the_other_files_are_read(tmp_path):
+    from persona_compass.errors import TranscriptError
+    from persona_compass.transcripts import load_transcripts
+
+    deep, good = tmp_path / "deep.json", tmp_path / "good.json"
+    deep.write_text(DEEP)
+    good.write_text(json.dumps([{"role": "user", "content": "hi"}]))
+    with pytest.raises(TranscriptError, match="deep.json nests JSON deeper"):
+        load_transcripts(deep)
+    assert load_transcripts(good)[0].messages[0]["content"] == "hi"
+
+
+def test_alert_rules_refuse_deep_json_and_long_non_json_text(tmp_path):
+    from persona_compass.alerts import AlertRulesError
+    from persona_compass.cli.common import parse_alert_rules
+
+    nested = '{"a":' * 5000 + "1" + "}" * 5000
+    with pytest.raises(AlertRulesError, match="deeper than"):
+        parse_alert_rules(nested)
+    with pytest.raises(AlertRulesError, match="neither a JSON object nor a readable JSON file"):
+        parse_alert_rules("x" * 300)  # once: OSError "File name too long"
+    rules = tmp_path / "rules.json"
+    rules.write_text(DEEP)
+    with pytest.raises(AlertRulesError, match="rules.json nests JSON deeper"):
+        parse_alert_rules(str(rules))
+
+
+def test_a_deeply_nested_request_body_is_a_400(client):
+    response = _post(client, '{"messages": ' + DEEP + "}")
+    assert response.status_code == 400, response.text
+    assert "deeper than" in response.json()["error"]["message"]

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .jsonio import JSONInputError, parse_json
+
 
 @contextmanager
 def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
@@ -96,8 +98,8 @@ def read_json_object(path: str | os.PathLike[str], error: type[Exception]) -> di
     """Read a JSON file that must hold an object; any problem raises ``error`` naming the file."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = parse_json(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, UnicodeDecodeError, JSONInputError) as exc:
         raise error(f"cannot read {path}: {exc}") from None
     if not isinstance(data, dict):
         raise error(f"{path} must hold a JSON object")

@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TranscriptError
+from .jsonio import JSONInputError, check_depth, parse_json
 
 ROLES = ("system", "user", "assistant")
 _CONVERSATION_KEYS = ("conversation", "messages")
@@ -391,7 +392,10 @@ def load_transcripts(path: str | Path) -> list[Transcript]:
     except (OSError, UnicodeDecodeError) as exc:
         raise TranscriptError(f"{path}: cannot read as UTF-8 text ({exc})") from None
     try:
+        check_depth(text, str(path))
         data = json.loads(text)
+    except JSONInputError as exc:
+        raise TranscriptError(str(exc)) from None
     except json.JSONDecodeError:
         pass  # maybe JSONL
     else:
@@ -402,11 +406,9 @@ def load_transcripts(path: str | Path) -> list[Transcript]:
     objects = []
     for n, line in lines:
         try:
-            objects.append((n, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise TranscriptError(
-                f"{path}:{n}: invalid JSON ({exc.msg}); expected JSON or one JSON object per line"
-            ) from None
+            objects.append((n, parse_json(line, f"{path}:{n}")))
+        except JSONInputError as exc:
+            raise TranscriptError(f"{exc}; expected JSON or one JSON object per line") from None
     if all(isinstance(o, dict) and "role" in o for _, o in objects):
         return [Transcript(_check_messages([o for _, o in objects], str(path)), str(path))]
     return [t for n, o in objects for t in _from_object(o, f"{path}:{n}")]

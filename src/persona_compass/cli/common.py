@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,21 +29,25 @@ def alert_rules_option(function: Any) -> Any:
 def parse_alert_rules(value: str | None) -> AlertRules | None:
     """``--alert-rules``: JSON object text, or the path of a JSON file holding one."""
     from ..alerts import AlertRules, AlertRulesError
+    from ..jsonio import JSONInputError, parse_json
 
     if value is None:
         return None
-    text = value
+    text, where = value, "--alert-rules"
     if not value.lstrip().startswith("{"):
+        shown = value if len(value) <= 80 else value[:77] + "..."
         path = Path(value).expanduser()
-        if not path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, ValueError):  # missing, a folder, a name too long, not UTF-8
             raise AlertRulesError(
-                f"--alert-rules {value!r} is neither a JSON object nor an existing file"
-            )
-        text = path.read_text(encoding="utf-8")
+                f"--alert-rules {shown!r} is neither a JSON object nor a readable JSON file"
+            ) from None
+        where = f"--alert-rules file {path}"
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise AlertRulesError(f"--alert-rules is not valid JSON ({exc.msg})") from None
+        data = parse_json(text, where)
+    except JSONInputError as exc:
+        raise AlertRulesError(str(exc)) from None
     return AlertRules.from_dict(data)
 
 

@@ -3,11 +3,12 @@ file with the same schema."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from ..jsonio import parse_json
 
 
 def package_label(name: str) -> str:
@@ -47,7 +48,7 @@ def load_item_rows(
         except (OSError, UnicodeDecodeError) as exc:
             raise error(f"cannot read {what} {label}: {exc}") from exc
     try:
-        data = json.loads(text)
+        data = parse_json(text, label)
     except ValueError as exc:
         raise error(f"{label} is not valid JSON ({exc}); fix the syntax") from exc
     if isinstance(data, Mapping):

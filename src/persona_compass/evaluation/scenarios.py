@@ -64,7 +64,6 @@ Example::
 from __future__ import annotations
 
 import difflib
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -73,6 +72,7 @@ from typing import Any
 
 from ..atomic import write_json
 from ..errors import PersonaCompassError
+from ..jsonio import parse_json
 from .data_files import package_label, read_shipped
 
 DOMAINS: tuple[str, ...] = (
@@ -349,7 +349,7 @@ def _read(path: str | Path | None) -> tuple[object, str]:
         except (OSError, UnicodeDecodeError) as exc:
             raise ScenarioError(f"cannot read the scenario file {label}: {exc}") from exc
     try:
-        return json.loads(text), label
+        return parse_json(text, label), label
     except ValueError as exc:
         raise ScenarioError(
             f"{label} is not valid JSON ({exc}); fix the syntax at that position"

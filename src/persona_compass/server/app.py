@@ -14,7 +14,6 @@ order, from a bounded queue. Every error is an OpenAI error object.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import socket
 import threading
@@ -36,6 +35,7 @@ from ..axis import Axis
 from ..capping import CappingConfig
 from ..compass import Answer, Delta
 from ..errors import PersonaCompassError
+from ..jsonio import JSONInputError, parse_json
 from .config import ServerConfig, ServerConfigError
 from .guard import GuardMiddleware
 from .metrics import CONTENT_TYPE, Metrics
@@ -71,9 +71,9 @@ async def _read_json(request: Request, limit: int) -> Any:
     if not raw.strip():
         raise RequestError("the request body is empty; send a JSON object")
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise RequestError(f"the request body is not valid JSON: {exc}") from None
+        return parse_json(raw, "the request body")
+    except JSONInputError as exc:
+        raise RequestError(str(exc)) from None
 
 
 def _build_app(

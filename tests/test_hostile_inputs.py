@@ -43,7 +43,8 @@ def client():
     model, tok = make_pair("llama")
     axis = calibrated_axis(model, seed=5, monitor_layer=2)
     cap = CappingConfig.calibrate(axis, axis.calibration, "1:3", 90)
-    app = create_app(model, tok, axis, cap, ServerConfig(model_name="tiny"))
+    config = ServerConfig(model_name="tiny", allowed_hosts=("testserver",))  # TestClient's Host
+    app = create_app(model, tok, axis, cap, config)
     with TestClient(app) as c:
         yield c
 
@@ -156,3 +157,45 @@ def test_a_deeply_nested_request_body_is_a_400(client):
     response = _post(client, '{"messages": ' + DEEP + "}")
     assert response.status_code == 400, response.text
     assert "deeper than" in response.json()["error"]["message"]
+
+
+# -- a web page on another site driving a server without a key ------------------------------
+BODY = '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}'
+
+
+@pytest.mark.parametrize(
+    "kind", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", ""]
+)
+def test_bodies_that_browsers_send_without_preflight_are_refused(client, kind):
+    headers = {"Content-Type": kind} if kind else {}
+    response = client.post("/v1/chat/completions", content=BODY.encode(), headers=headers)
+    assert response.status_code == 415, response.text
+    assert response.json()["error"]["code"] == "unsupported_media_type"
+
+
+def test_a_rebound_host_name_is_refused(client):
+    for path in ("/v1/compass", "/v1/models"):
+        response = client.get(path, headers={"Host": "attacker.example:8000"})
+        assert response.status_code == 403, response.text
+        assert response.json()["error"]["code"] == "host_not_allowed"
+    assert client.get("/v1/compass").status_code == 200
+
+
+def test_cross_origin_requests_are_refused_and_the_own_page_is_not(client):
+    evil = {"Origin": "http://evil.example", "Content-Type": "application/json"}
+    response = client.post("/v1/chat/completions", content=BODY.encode(), headers=evil)
+    assert response.status_code == 403 and response.json()["error"]["code"] == "cross_origin"
+    own = {"Origin": "http://testserver", "Content-Type": "application/json"}
+    assert (
+        client.post("/v1/chat/completions", content=BODY.encode(), headers=own).status_code == 200
+    )
+
+
+def test_serve_allows_the_bound_address_and_any_name_only_on_a_wildcard_bind():
+    from persona_compass.cli.serve_cmd import allowed_hosts
+
+    assert allowed_hosts("127.0.0.1", ()) == ("localhost", "127.0.0.1", "::1")
+    assert "box.lan" in allowed_hosts("10.1.2.3", ("box.lan",))
+    assert "10.1.2.3" in allowed_hosts("10.1.2.3", ())
+    assert allowed_hosts("0.0.0.0", ()) == ("*",)
+    assert allowed_hosts("::", ("api.example",)) == ("localhost", "127.0.0.1", "::1", "api.example")

@@ -36,6 +36,7 @@ from persona_compass.server.app import (  # noqa: E402
 )
 
 URL = "/v1/chat/completions"
+TEST_HOSTS = ("testserver", "127.0.0.1", "localhost")  # TestClient sends "Host: testserver"
 USER = [{"role": "user", "content": "Tell me about the sea and the stars tonight."}]
 HISTORY = [
     {"role": "user", "content": "Hello, who are you?"},
@@ -65,6 +66,8 @@ def tiny():
 
 
 def make_app(tiny, **settings):
+    # TestClient sends "Host: testserver"; live servers are reached as 127.0.0.1
+    settings.setdefault("allowed_hosts", TEST_HOSTS)
     model, tok, axis, cap = tiny
     return create_app(model, tok, axis, cap, ServerConfig(model_name="tiny", **settings))
 
@@ -194,7 +197,9 @@ def test_health_models_and_compass(client, tiny):
 def test_compass_bands_are_null_without_calibration(tiny):
     model, tok, axis, _ = tiny
     bare = dataclasses.replace(axis, calibration=None)
-    app = create_app(model, tok, bare, None, ServerConfig(model_name="tiny"))
+    app = create_app(
+        model, tok, bare, None, ServerConfig(model_name="tiny", allowed_hosts=TEST_HOSTS)
+    )
     with TestClient(app) as c:
         info = c.get("/v1/compass").json()
         assert info["bands"] == {"p5": None, "p25": None, "p50": None}
@@ -479,10 +484,13 @@ def test_invalid_requests_get_openai_errors(client, payload, param):
 
 
 def test_malformed_bodies_and_unknown_routes(client):
-    assert_error(client.post(URL, content=b"{not json", headers={"Content-Type": "x"}), 400)
-    assert_error(client.post(URL, content=b""), 400)
+    as_json = {"Content-Type": "application/json"}
+    assert_error(client.post(URL, content=b"{not json", headers=as_json), 400)
+    assert_error(client.post(URL, content=b"", headers=as_json), 400)
     assert_error(client.post(URL, json=[1, 2]), 400)
-    assert_error(client.post(URL, content=b"[" * 100_000), 400)  # nesting too deep for json
+    deep = client.post(URL, content=b"[" * 100_000, headers=as_json)  # too deep for json
+    assert_error(deep, 400)
+    assert_error(client.post(URL, content=b"{}", headers={"Content-Type": "x"}), 415)
     assert assert_error(client.get("/v1/nothing"), 404)["code"] == "not_found"
     assert assert_error(client.get(URL), 405)["code"] == "method_not_allowed"
 
@@ -691,7 +699,10 @@ def save_tiny(tiny, folder: Path) -> tuple[Path, Path]:
 def test_create_app_from_specs_loads_in_the_lifespan(tiny, tmp_path):
     model_dir, bundle = save_tiny(tiny, tmp_path)
     app = create_app_from_specs(
-        str(bundle), None, ServerConfig(model_name="", cap_mode="on"), dtype="float32"
+        str(bundle),
+        None,
+        ServerConfig(model_name="", cap_mode="on", allowed_hosts=TEST_HOSTS),
+        dtype="float32",
     )
     assert app.state.compass is None  # nothing loaded yet
     with TestClient(app) as c:

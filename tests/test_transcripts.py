@@ -50,8 +50,8 @@ def test_jsonl_messages_and_jsonl_transcripts(tmp_path):
     "text,match",
     [
         ("", "empty"),
-        ("{not json", "invalid JSON"),
-        ('{"role": "user", "content": "x"}\n{bad', ":2: invalid JSON"),
+        ("{not json", "not valid JSON"),
+        ('{"role": "user", "content": "x"}\n{bad', ":2 is not valid JSON"),
         (json.dumps({"foo": 1}), "not a known transcript layout"),
         (json.dumps([{"role": "robot", "content": "x"}]), "role 'robot'"),
         (json.dumps([{"role": "user"}]), "'role' and 'content'"),

@@ -14,6 +14,20 @@ from .common import alert_rules_option, parse_alert_rules
 API_KEY_ENV = "PERSONA_COMPASS_API_KEY"
 
 
+def allowed_hosts(host: str, extra: tuple[str, ...]) -> tuple[str, ...]:
+    """Host names the server answers to: this machine's, the bound address and ``extra``;
+    any name for a server bound to every interface without ``extra``."""
+    from ..server.config import LOCAL_HOSTS
+
+    bound = host.strip().strip("[]").lower()
+    if bound in ("", "0.0.0.0", "::") and not extra:
+        return ("*",)
+    names = [*LOCAL_HOSTS, *extra]
+    if bound not in ("", "0.0.0.0", "::"):
+        names.append(bound)
+    return tuple(dict.fromkeys(n.strip().strip("[]").lower() for n in names if n.strip()))
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` only accepts connections from this machine."""
     if host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
@@ -79,6 +93,14 @@ def is_loopback(host: str) -> bool:
     show_default=True,
     help="uvicorn's log level.",
 )
+@click.option(
+    "--allow-host",
+    "allow_hosts",
+    multiple=True,
+    help="Another host name the Host header may carry (repeatable); localhost, 127.0.0.1, "
+    "::1 and the --host address are always allowed. A server bound to every interface "
+    "(0.0.0.0, ::) allows any name unless this is given.",
+)
 @alert_rules_option
 def serve(
     axis_spec: str,
@@ -93,6 +115,7 @@ def serve(
     dtype: str | None,
     log_level: str,
     alert_rules: str | None,
+    allow_hosts: tuple[str, ...],
 ) -> None:
     """Serve the model behind an OpenAI-compatible API with capping and drift telemetry.
 
@@ -130,6 +153,7 @@ def serve(
         default_max_tokens=min(default_max_tokens, max_tokens),
         queue_size=queue_size,
         rules=parse_alert_rules(alert_rules),
+        allowed_hosts=allowed_hosts(host, allow_hosts),
     )
     app = create_app_from_specs(axis_spec, model_spec, config, dtype=dtype)
     shown = f"[{host}]" if ":" in host else host

@@ -126,6 +126,7 @@ def _build_app(
         api_key=config.api_key,
         max_body_bytes=config.max_body_bytes,
         metrics=metrics,
+        allowed_hosts=config.allowed_hosts,
     )
 
     def ready() -> CompassState:

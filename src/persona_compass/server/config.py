@@ -13,6 +13,10 @@ class ServerConfigError(PersonaCompassError):
     """A server setting out of range."""
 
 
+# Names a server on this machine answers to by default.
+LOCAL_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+
+
 @dataclass
 class ServerConfig:
     """The server's settings; requests may override cap mode, capping, steering and rules.
@@ -27,6 +31,9 @@ class ServerConfig:
         queue_size: requests that may wait for the generation thread (429 beyond).
         max_body_bytes: the largest request body (413 beyond).
         rules: the default alert rules (a request's ``rules`` fields override them).
+        allowed_hosts: host names the ``Host`` header may carry (any port), so that a web
+            page on another name (DNS rebinding) cannot reach the server; ``("*",)`` allows
+            any (a server bound to every interface). ``serve`` adds the bound address.
     """
 
     model_name: str
@@ -37,6 +44,7 @@ class ServerConfig:
     queue_size: int = 16
     max_body_bytes: int = 1_000_000
     rules: AlertRules | None = None
+    allowed_hosts: tuple[str, ...] = LOCAL_HOSTS
 
     def __post_init__(self) -> None:
         if self.cap_mode not in CAP_MODES:
@@ -47,5 +55,8 @@ class ServerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ServerConfigError(f"{name}={value!r} must be a whole number >= 1")
+        self.allowed_hosts = tuple(h.strip().lower().strip("[]") for h in self.allowed_hosts)
+        if not self.allowed_hosts or not all(self.allowed_hosts):
+            raise ServerConfigError("allowed_hosts needs at least one host name ('*': any)")
         if self.api_key is not None and not self.api_key.strip():
             raise ServerConfigError("api_key is empty; pass a real key or none")

@@ -199,3 +199,21 @@ def test_serve_allows_the_bound_address_and_any_name_only_on_a_wildcard_bind():
     assert "10.1.2.3" in allowed_hosts("10.1.2.3", ())
     assert allowed_hosts("0.0.0.0", ()) == ("*",)
     assert allowed_hosts("::", ("api.example",)) == ("localhost", "127.0.0.1", "::1", "api.example")
+
+
+# -- out-of-range numbers ------------------------------------------------------------------
+def test_one_steering_bound_everywhere():
+    from persona_compass.compass import MAX_STEERING, CompassError, Steering
+
+    assert Steering(MAX_STEERING).coefficient == MAX_STEERING
+    for value in (1e308, -2 * MAX_STEERING, float("inf")):
+        with pytest.raises(CompassError, match="within"):
+            Steering(value)
+
+
+def test_a_nan_temperature_says_it_must_be_finite(client):
+    body = '{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}'
+    response = _post(client, body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "temperature" and "finite" in error["message"]

@@ -59,6 +59,11 @@ def check_cap_mode(mode: str, capping_config: CappingConfig | None) -> CapMode:
     return mode  # type: ignore[return-value]
 
 
+# The largest steering coefficient anywhere (chat, server, evaluation): far past any useful
+# value, and small enough that coefficient x axis stays finite in every dtype's arithmetic.
+MAX_STEERING = 1e6
+
+
 @dataclass(frozen=True)
 class Steering:
     """Add ``coefficient`` times the axis on ``layers`` (default: the monitor layer)."""
@@ -70,8 +75,11 @@ class Steering:
     def __post_init__(self) -> None:
         if isinstance(self.coefficient, bool) or not isinstance(self.coefficient, (int, float)):
             raise CompassError(f"steering coefficient {self.coefficient!r} must be a number")
-        if not math.isfinite(self.coefficient):
-            raise CompassError("steering coefficient must be finite")
+        if not math.isfinite(self.coefficient) or abs(self.coefficient) > MAX_STEERING:
+            raise CompassError(
+                f"steering coefficient {self.coefficient!r} must be a finite number within "
+                f"±{MAX_STEERING:g}"
+            )
         if self.scale not in ("raw", "unit", "relative"):
             raise CompassError(f"steering scale {self.scale!r} must be raw, unit or relative")
 

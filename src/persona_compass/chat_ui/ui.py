@@ -19,7 +19,15 @@ from rich.table import Table
 from rich.text import Text
 
 from ..alerts import AlertRules
-from ..compass import CAP_MODES, Answer, CompassError, CompassSession, Delta, Steering
+from ..compass import (
+    CAP_MODES,
+    MAX_STEERING,
+    Answer,
+    CompassError,
+    CompassSession,
+    Delta,
+    Steering,
+)
 from ..errors import PersonaCompassError
 from ..html_chart import snippet
 from ..transcripts import Transcript, load_transcripts, save_transcript
@@ -385,8 +393,8 @@ class ChatUI:
             coefficient = float(args[0])
         except ValueError:
             raise usage_error("/steer", f"C must be a number, got {args[0]!r}") from None
-        if not math.isfinite(coefficient):
-            raise usage_error("/steer", "C must be a finite number")
+        if not math.isfinite(coefficient) or abs(coefficient) > MAX_STEERING:
+            raise usage_error("/steer", f"C must be a finite number within ±{MAX_STEERING:g}")
         layers: tuple[int, ...] | None = None
         if len(args) == 2:
             from ..layers import parse_layer_spec

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, get_args
 
-from ..compass import CAP_MODES
+from ..compass import CAP_MODES, MAX_STEERING
 from ..interventions import Scale
 from ..text import InvalidTextError, check_text
 
@@ -75,8 +75,10 @@ def _type_name(value: Any) -> str:
 
 
 def _number(value: Any, param: str, *, lo: float, hi: float, lo_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError(f"{param} must be a number, got {_type_name(value)}", param=param)
+    if not math.isfinite(value):
+        raise RequestError(f"{param} must be a finite number, got {value}", param=param)
     if value < lo or value > hi or (lo_open and value == lo):
         bracket = "(" if lo_open else "["
         raise RequestError(f"{param}={value} must be in {bracket}{lo:g}, {hi:g}]", param=param)
@@ -184,7 +186,9 @@ def parse_compass(value: Any) -> CompassOptions:
             raise RequestError(
                 f"{p}.steering needs a coefficient (e.g. -4.0)", param=f"{p}.steering.coefficient"
             )
-        coefficient = _number(raw["coefficient"], f"{p}.steering.coefficient", lo=-1e6, hi=1e6)
+        coefficient = _number(
+            raw["coefficient"], f"{p}.steering.coefficient", lo=-MAX_STEERING, hi=MAX_STEERING
+        )
         layers = raw.get("layers")
         scale = raw.get("scale", "raw")
         if scale not in SCALES:

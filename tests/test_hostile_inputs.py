@@ -217,3 +217,68 @@ def test_a_nan_temperature_says_it_must_be_finite(client):
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == "temperature" and "finite" in error["message"]
+
+
+# -- axis import: whole or not at all ---------------------------------------------------------
+def _import(*args):
+    from click.testing import CliRunner
+
+    from persona_compass.cli import main
+
+    return CliRunner().invoke(main, ["axis", "import", *map(str, args)])
+
+
+@pytest.fixture
+def release(tmp_path):
+    import torch
+    from test_capping import write_release_file
+
+    from persona_compass.axis import Axis
+
+    raw = torch.randn(4, 64)
+    src = tmp_path / "axis.pt"
+    torch.save({"axis": raw}, src)
+    cap_file = tmp_path / "capping_config.pt"
+    axis = Axis(raw, model_id="tiny", monitor_layer=1)
+    experiment = write_release_file(cap_file, axis, [1, 2], [0.5, 0.5])
+    return src, cap_file, experiment
+
+
+def test_import_into_an_existing_bundle_needs_force_and_leaves_nothing_stale(tmp_path, release):
+    src, cap_file, experiment = release
+    out = tmp_path / "bundle"
+    args = [src, "--out", out, "--model-id", "tiny", "--monitor-layer", "1"]
+    assert _import(*args, "--capping", cap_file, "--experiment", experiment).exit_code == 0
+    (out / "report.md").write_text("old report")
+    before = sorted(p.name for p in out.iterdir())
+    refused = _import(*args)
+    assert refused.exit_code != 0 and "--force" in refused.output
+    assert sorted(p.name for p in out.iterdir()) == before  # untouched
+    forced = _import(*args, "--force")
+    assert forced.exit_code == 0, forced.output
+    names = {p.name for p in out.iterdir()}
+    assert "capping.json" not in names and "report.md" not in names  # the old bundle is gone
+    assert "axis.safetensors" in names and "bundle.json" in names
+
+
+def test_a_refused_capping_file_writes_nothing(tmp_path, release):
+    src, _, _ = release
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a torch file")
+    out = tmp_path / "bundle"
+    result = _import(src, "--out", out, "--capping", bad, "--experiment", "layers_1:3-p0.25")
+    assert result.exit_code != 0
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle")]  # no leftovers
+
+
+def test_a_symlinked_out_keeps_its_link(tmp_path, release):
+    src, _, _ = release
+    real = tmp_path / "real"
+    link = tmp_path / "link"
+    assert _import(src, "--out", real, "--model-id", "tiny").exit_code == 0
+    link.symlink_to(real, target_is_directory=True)
+    result = _import(src, "--out", link, "--model-id", "tiny", "--force")
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and (link / "bundle.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".old")]

@@ -104,6 +104,7 @@ def show(bundle_spec: str, as_json: bool) -> None:
     default=None,
     help="The capping experiment id to import, e.g. layers_46:54-p0.25.",
 )
+@click.option("--force", is_flag=True, help="Replace an existing --out folder (whole).")
 def import_(
     axis_file: Path,
     out_dir: Path,
@@ -111,20 +112,42 @@ def import_(
     monitor_layer: int | None,
     capping_file: Path | None,
     experiment: str | None,
+    force: bool,
 ) -> None:
     """Import a research-release axis .pt (and optionally a capping config) into a bundle.
 
     .pt files are read with torch.load(weights_only=True) only: a file that would run code
-    is refused.
+    is refused. The bundle is written whole or not at all: every input is read and checked
+    first, the bundle is built in a temporary folder and then takes --out's place in one
+    rename. An existing --out is replaced only with --force (nothing of the old bundle
+    stays); an --out that is a symbolic link keeps the link and replaces the folder it
+    points to.
     """
+    from ..atomic import atomic_dir
     from ..axis import Axis
     from ..capping import CappingConfig
 
     if (capping_file is None) != (experiment is None):
         raise click.UsageError("--capping and --experiment go together")
+    target = out_dir.resolve() if out_dir.is_symlink() else out_dir
+    if target.exists() and not force:
+        raise click.UsageError(
+            f"--out {out_dir} already exists; pass --force to replace it, or choose a new folder"
+        )
+    if target.exists() and not target.is_dir():
+        raise click.UsageError(f"--out {out_dir} is a file; an axis bundle is a folder")
     ax = Axis.from_reference(axis_file, model_id=model_id, monitor_layer=monitor_layer)
-    ax.save(out_dir)
+    cap = None
     if capping_file is not None and experiment is not None:
         cap = CappingConfig.from_reference(capping_file, experiment)
-        cap.save(out_dir)
+        if cap.d_model != ax.d_model or max(cap.layers) >= ax.n_layers:
+            raise click.UsageError(
+                f"the capping config {experiment} (width {cap.d_model}, layers up to "
+                f"{max(cap.layers)}) does not fit the axis (width {ax.d_model}, "
+                f"{ax.n_layers} layers); pass the capping file of the same model"
+            )
+    with atomic_dir(target) as tmp:  # a failure here leaves --out as it was
+        ax.save(tmp)
+        if cap is not None:
+            cap.save(tmp)
     click.echo(f"bundle written to {out_dir}", err=True)

@@ -436,3 +436,19 @@ def test_cli_layers_dry_run_and_errors(tmp_path):
     assert out_of_range.exit_code == 1
     assert "out of range for a model with 4 decoder blocks" in out_of_range.output
     assert not (tmp_path / "o").exists()
+
+
+def test_resume_repairs_an_answer_log_that_disagrees_with_the_state(tmp_path, qwen_pair, caplog):
+    first = run(tmp_path, qwen_pair)
+    logs = sorted((first.out_dir / "responses").glob("*.jsonl"))
+    truth = {p: p.read_text() for p in logs}
+    lines = truth[logs[0]].splitlines(keepends=True)
+    logs[0].write_text("".join(lines[:-1]) + lines[-1][:10])  # a truncated last line
+    logs[1].write_text(truth[logs[1]] + truth[logs[1]].splitlines(keepends=True)[0])  # doubled
+    logs[2].unlink()  # deleted
+    with caplog.at_level("WARNING"):
+        again = run(tmp_path, qwen_pair)
+    assert again.generated_now == 0
+    assert {p: p.read_text() for p in logs} == truth  # every log agrees with its state again
+    repaired = [r.getMessage() for r in caplog.records if "rewritten from" in r.getMessage()]
+    assert len(repaired) == 3 and any("missing" in m for m in repaired)

@@ -13,8 +13,11 @@ Layout of an extraction folder ``DIR``::
 
 A role's state file is the commit point: it holds the records *and* the activation sums
 they contributed, so a crash at any moment leaves each role either at its previous commit
-or at the new one, never in between. A resumed run skips every rollout id found in the state
-files and redoes the rest: nothing is duplicated, nothing is lost.
+or at the new one, never in between. The answer log is derived from it: whenever a role is
+loaded, a log that disagrees with its state (a crash between the two writes, a truncated or
+duplicated line, a deleted file) is rewritten from the state, with a warning. A resumed run
+skips every rollout id found in the state files and redoes the rest: nothing is duplicated,
+nothing is lost.
 """
 
 from __future__ import annotations
@@ -222,14 +225,50 @@ class ExtractionStore:
     def state_path(self, role: str) -> Path:
         return self.root / "activations" / f"{role}.safetensors"
 
+    def responses_path(self, role: str) -> Path:
+        return self.root / "responses" / f"{role}.jsonl"
+
     def load_role(self, role: str) -> RoleState:
+        """The role's committed state; its answer log is repaired to agree with it."""
         path = self.state_path(role)
-        return RoleState.load(path) if path.exists() else RoleState(role)
+        if not path.exists():
+            return RoleState(role)
+        state = RoleState.load(path)
+        self.repair_responses(state)
+        return state
+
+    def repair_responses(self, state: RoleState) -> bool:
+        """Rewrite ``responses/{role}.jsonl`` from the state file when they disagree.
+
+        The state file is the commit point; the log is derived from it. A crash between the
+        two writes, a truncated, duplicated or edited line or a deleted file leaves a log
+        that disagrees: it is rewritten, with a warning. Returns whether it was.
+        """
+        path = self.responses_path(state.role)
+        expected = state.research_jsonl()
+        try:
+            actual: str | None = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            actual = None
+        except (OSError, UnicodeDecodeError):
+            actual = ""
+        if actual == expected:
+            return False
+        have = 0 if actual is None else sum(1 for line in actual.splitlines() if line.strip())
+        logger.warning(
+            "%s: %s; rewritten from the role's state file (%d answers, the log had %d lines)",
+            path,
+            "missing" if actual is None else "disagreed with the role's state file",
+            len(state.records),
+            have,
+        )
+        write_text(path, expected)
+        return True
 
     def commit(self, state: RoleState) -> None:
         """Write the role's state (the commit point), then its research-format responses."""
         state.save(self.state_path(state.role))
-        write_text(self.root / "responses" / f"{state.role}.jsonl", state.research_jsonl())
+        write_text(self.responses_path(state.role), state.research_jsonl())
 
     @property
     def progress_path(self) -> Path:

@@ -303,3 +303,30 @@ def test_monitor_uncalibrated_bundle_has_no_percentiles_or_bands(tiny_setup, tmp
     assert data["layer"] == 1 and all(t["percentile"] is None for t in data["turns"])
     page = html.read_text(encoding="utf-8")
     assert 'class="band"' not in page and "no calibration" in page
+
+
+def test_a_conversation_over_max_tokens_is_refused_and_the_others_are_read(tiny_setup, tmp_path):
+    _, bundle, transcript = tiny_setup
+    long = tmp_path / "long.json"
+    chatter = [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]
+    long.write_text(json.dumps({"conversation": chatter}))
+    result = run_monitor(bundle, long, transcript, "--max-tokens", "300")
+    assert result.exit_code == 1
+    assert "tokens, over the limit of 300" in result.output and "--max-tokens" in result.output
+    ok = run_monitor(bundle, transcript, "--max-tokens", "300")
+    assert ok.exit_code == 0, ok.output
+
+
+def test_long_sequences_cost_linear_time():
+    """Half-overlapping windows: each token is read at most twice, whatever the length."""
+    from persona_compass.monitor import _windows
+
+    window = 512
+    for n in (window, 3 * window + 7, 40 * window, 400 * window + 1):
+        spans = _windows(n, window)
+        work = sum(end - start for start, end, _, _ in spans)
+        assert work <= 2 * n
+        assert all(end - start <= window for start, end, _, _ in spans)
+        kept = [k for _, _, a, b in spans for k in range(a, b)] if n < 10_000 else None
+        if kept is not None:
+            assert kept == list(range(n))  # every token once, in order

@@ -364,11 +364,15 @@ def token_projections(
     layer: int | None = None,
     max_context: int | None = None,
     block_path: str | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Projections of every token of one sequence at one layer: (n_tokens,) float32, on CPU.
 
     Sequences longer than ``max_context`` (default: the model's context length) are processed
-    in half-overlapping windows (see :func:`_windows`), never silently cut.
+    in half-overlapping windows (see :func:`_windows`), never silently cut: each window costs
+    the same, so the time grows linearly with the length (about twice a single pass, since
+    windows overlap by half). ``progress`` shows a bar over the tokens (stderr) when there is
+    more than one window.
     """
     window = max_context or context_length(model) or len(input_ids)
     if window < 2:
@@ -381,12 +385,22 @@ def token_projections(
         logger.info(
             "%d tokens exceed the context of %d: %d windows", ids.shape[1], window, len(spans)
         )
-    with DriftMonitor(model, axis, layer, block_path=block_path) as mon:
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=ids.shape[1],
+        desc="tokens",
+        unit="tok",
+        disable=not progress or len(spans) < 2,
+        dynamic_ncols=True,
+    )
+    with bar, DriftMonitor(model, axis, layer, block_path=block_path) as mon:
         for win_start, win_end, keep_start, keep_end in spans:
             mon.reset()
             model(input_ids=ids[:, win_start:win_end], use_cache=False)
             proj = mon.token_projections()[0].cpu()
             out[keep_start:keep_end] = proj[keep_start - win_start : keep_end - win_start]
+            bar.update(keep_end - keep_start)
     return out
 
 
@@ -400,6 +414,8 @@ def project_conversation(
     roles: Sequence[str] | None = ("assistant",),
     max_context: int | None = None,
     block_path: str | None = None,
+    max_tokens: int | None = None,
+    progress: bool = False,
 ) -> list[TurnProjection]:
     """Per-turn mean projections of a conversation's content tokens, in one forward pass.
 
@@ -410,14 +426,29 @@ def project_conversation(
         layer: block to read (default: the axis' monitor layer).
         roles: which turns to report (None: every turn that has a span).
         max_context: window size for long conversations (default: the model's context).
+        max_tokens: refuse conversations longer than this many tokens (None: no limit).
+        progress: show a progress bar for conversations longer than one window.
 
     Returns:
         One :class:`TurnProjection` per selected turn, in conversation order. A turn with no
         content tokens reports ``nan``.
     """
     rendered = render_chat(tokenizer, list(messages))
+    n_tokens = len(rendered.input_ids)
+    if max_tokens is not None and n_tokens > max_tokens:
+        raise PersonaCompassError(
+            f"the conversation has {n_tokens:,} tokens, over the limit of {max_tokens:,}; "
+            "split it, or raise the limit (monitor --max-tokens N; reading costs time "
+            "linear in the length)"
+        )
     proj = token_projections(
-        model, axis, rendered.input_ids, layer=layer, max_context=max_context, block_path=block_path
+        model,
+        axis,
+        rendered.input_ids,
+        layer=layer,
+        max_context=max_context,
+        block_path=block_path,
+        progress=progress,
     )
     turns = []
     for span in rendered.spans:

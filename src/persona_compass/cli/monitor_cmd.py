@@ -65,6 +65,11 @@ def _clean(value: Any) -> Any:
     return value
 
 
+# 65,536 tokens: 16 windows of SmolLM2's 8,192-token context, several minutes on 2 CPU cores.
+DEFAULT_MAX_TOKENS = 65_536
+MAX_FILE_MB = 16
+
+
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--axis", "axis_path", required=True, help="Axis bundle folder (or shipped alias).")
@@ -97,6 +102,15 @@ def _clean(value: Any) -> Any:
     help="Write a self-contained HTML chart (tooltips, alerts, no network references).",
 )
 @click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_TOKENS,
+    show_default=True,
+    help="Refuse a conversation longer than this many tokens (files over "
+    f"{MAX_FILE_MB} MB are refused before reading). Longer inputs are read in windows of the "
+    "model's context, in time linear in the length, with a progress bar.",
+)
+@click.option(
     "--fail-fast",
     is_flag=True,
     help="Stop at the first unreadable file without processing any "
@@ -112,6 +126,7 @@ def monitor(
     as_json: bool,
     plot: Path | None,
     html_out: Path | None,
+    max_tokens: int,
     fail_fast: bool,
 ) -> None:
     """Project each assistant turn of transcript FILES on the Assistant Axis.
@@ -139,6 +154,12 @@ def monitor(
         try:
             if problem is not None:
                 raise TranscriptError(problem)
+            size = path.stat().st_size
+            if size > MAX_FILE_MB * 1024 * 1024:
+                raise TranscriptError(
+                    f"{path} is {size / 1024 / 1024:.1f} MB, over the {MAX_FILE_MB} MB limit for "
+                    "one transcript file; split it into several files"
+                )
             loaded.extend((path, tr) for tr in load_transcripts(path))
         except PersonaCompassError as exc:
             if fail_fast:
@@ -155,7 +176,15 @@ def monitor(
     kept: list[Transcript] = []
     for path, tr in loaded:
         try:
-            turns = project_conversation(model, tokenizer, axis, tr.messages, layer=used_layer)
+            turns = project_conversation(
+                model,
+                tokenizer,
+                axis,
+                tr.messages,
+                layer=used_layer,
+                max_tokens=max_tokens,
+                progress=not as_json,
+            )
         except PersonaCompassError as exc:
             if fail_fast:
                 raise

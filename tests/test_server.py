@@ -497,8 +497,12 @@ def test_malformed_bodies_and_unknown_routes(client):
 
 def test_context_length_is_checked(client):
     long = [{"role": "user", "content": "x" * 600}]  # the tiny model's context is 512
+    name = "persona_compass_completions_total"
+    errors_before = metric(client.get("/metrics").text, name, finish_reason="error")
     err = assert_error(client.post(URL, json=body(long)), 400, "messages")
     assert err["code"] == "context_length_exceeded"
+    # a refused request is not a failed completion
+    assert metric(client.get("/metrics").text, name, finish_reason="error") == errors_before
     stream = client.post(URL, json=body(long, stream=True))
     assert_error(stream, 400, "messages")  # refused before the stream starts
     near = [{"role": "user", "content": "x" * 470}]

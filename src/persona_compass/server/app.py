@@ -238,7 +238,8 @@ def _build_app(
                     on_delta=on_delta if req.stream else None,
                 )
             except BaseException as exc:
-                metrics.completions.inc(finish_reason="error")
+                if not isinstance(exc, RequestError):  # a refused request is no completion
+                    metrics.completions.inc(finish_reason="error")
                 emit("error", exc)
                 raise
             record_answer(answer)

@@ -173,6 +173,7 @@ def test_chat_bad_commands_print_one_line_with_usage(chat_setup):
             "/steer 1 99",
             "/steer 2 1:3 extra",
             "/steer 1e308",
+            "/save no/such/folder/t.json",
             "/save",
             "/load",
             f"/load {chat_setup['bundle'] / 'nothing.json'}",
@@ -185,13 +186,14 @@ def test_chat_bad_commands_print_one_line_with_usage(chat_setup):
     )
     assert result.exit_code == 0, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 13, result.output
+    assert len(errors) == 14, result.output
     assert "error: unknown capping mode 'bogus'; usage: /cap [on|off|adaptive]" in errors
     assert any(e.startswith("error: unknown command /frob; commands: /cap") for e in errors)
     assert any("C must be a number, got 'x'; usage: /steer C [LAYERS]" in e for e in errors)
     assert any("99" in e and "usage: /steer" in e for e in errors)
     assert any("too many arguments; usage: /steer" in e for e in errors)
     assert any("C must be a finite number within ±1e+06" in e for e in errors)  # one bound
+    assert any("folder no/such/folder does not exist; create it first" in e for e in errors)
     assert any(e.endswith("usage: /save FILE") for e in errors)
     assert any(e.endswith("usage: /load FILE [N|LABEL]") for e in errors)
     assert any("nothing.json: no such file" in e for e in errors)

@@ -76,6 +76,13 @@ def interrupt_sets(event: threading.Event) -> Iterator[bool]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _check_folder(path: str, command: str) -> None:
+    """Commands write only into folders that exist: a typo must not create folders."""
+    folder = Path(path).expanduser().parent
+    if not folder.is_dir():
+        raise usage_error(command, f"folder {folder} does not exist; create it first")
+
+
 class ChatUI:
     """A terminal conversation on a :class:`CompassSession`, with commands and a drift meter.
 
@@ -414,6 +421,7 @@ class ChatUI:
     def cmd_save(self, args: list[str]) -> None:
         if len(args) != 1:
             raise usage_error("/save", "name one file")
+        _check_folder(args[0], "/save")
         path = self.save(args[0])
         self.info(f"saved {path}", "green")
 
@@ -440,6 +448,7 @@ class ChatUI:
                 )
             )
             return
+        _check_folder(args[0], "/chart")
         path = self.write_chart(args[0])
         self.info(f"chart written to {path}", "green")
 

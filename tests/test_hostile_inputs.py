@@ -282,3 +282,38 @@ def test_a_symlinked_out_keeps_its_link(tmp_path, release):
     assert result.exit_code == 0, result.output
     assert link.is_symlink() and (link / "bundle.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".old")]
+
+
+# -- a connection whose headers never finish ---------------------------------------------------
+def test_a_connection_that_never_finishes_its_headers_is_closed():
+    import socket
+    import time
+
+    pytest.importorskip("uvicorn")
+    from fastapi import FastAPI
+
+    from persona_compass.server.app import BackgroundServer
+
+    app = FastAPI()
+
+    @app.get("/ping")
+    def ping() -> dict:
+        return {"ok": True}
+
+    with BackgroundServer(app, header_timeout=1.0) as server:
+        slow = socket.create_connection((server.host, server.port), timeout=10)
+        slow.sendall(b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never ends the headers
+        started = time.monotonic()
+        for _ in range(4):  # trickle bytes: each one used to cancel uvicorn's own timer
+            time.sleep(0.3)
+            try:
+                slow.sendall(b"X")
+            except OSError:
+                break
+        assert slow.recv(1024) == b""  # closed by the server
+        assert time.monotonic() - started < 5
+        slow.close()
+        fast = socket.create_connection((server.host, server.port), timeout=10)
+        fast.sendall(b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        assert b"200 OK" in fast.recv(4096)
+        fast.close()

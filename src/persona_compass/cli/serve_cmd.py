@@ -165,8 +165,15 @@ def run_server(app: Any, *, host: str, port: int, log_level: str) -> None:
     """Run uvicorn until it stops; a loading error becomes one line and exit code 1."""
     import uvicorn
 
+    from ..server.protocol import HeaderDeadlineProtocol
+
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=5,
+        http=HeaderDeadlineProtocol,  # closes connections whose headers never finish
     )
     server = uvicorn.Server(config)
 

@@ -39,6 +39,7 @@ from ..jsonio import JSONInputError, parse_json
 from .config import ServerConfig, ServerConfigError
 from .guard import GuardMiddleware
 from .metrics import CONTENT_TYPE, Metrics
+from .protocol import HEADER_TIMEOUT, with_header_timeout
 from .responses import classify, error_response, json_response
 from .schemas import RequestError, error_body, parse_chat_request
 from .state import CompassState
@@ -389,7 +390,12 @@ class BackgroundServer:
     """
 
     def __init__(
-        self, app: ASGIApp, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+        self,
+        app: ASGIApp,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+        header_timeout: float = HEADER_TIMEOUT,
     ) -> None:
         import uvicorn
 
@@ -399,7 +405,11 @@ class BackgroundServer:
         self._sock.bind((host, port))
         self.port = int(self._sock.getsockname()[1])
         config = uvicorn.Config(
-            app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5
+            app,
+            log_level=log_level,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+            http=with_header_timeout(header_timeout),
         )
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(

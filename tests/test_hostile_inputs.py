@@ -317,3 +317,21 @@ def test_a_connection_that_never_finishes_its_headers_is_closed():
         fast.sendall(b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         assert b"200 OK" in fast.recv(4096)
         fast.close()
+
+
+def test_deep_catalogue_and_judge_sample_files_are_errors(tmp_path):
+    from persona_compass.persona_space.catalogue import CatalogueError, load_catalogue
+    from persona_compass.persona_space.judges import JudgeError, load_judge_sample
+
+    roles = tmp_path / "roles.json"
+    roles.write_text(DEEP)
+    with pytest.raises(CatalogueError, match="roles.json nests JSON deeper"):
+        load_catalogue(roles)
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text('{"id": 0, "question": "hi"}\n' + DEEP + "\n")
+    with pytest.raises(CatalogueError, match="line 2 nests JSON deeper"):
+        load_catalogue(None, questions)
+    sample = tmp_path / "sample.jsonl"
+    sample.write_text(DEEP + "\n")
+    with pytest.raises(JudgeError, match="sample.jsonl:1 nests JSON deeper"):
+        load_judge_sample(sample)

@@ -36,6 +36,7 @@ from typing import Any
 
 from ..atomic import write_json, write_text
 from ..errors import PersonaCompassError
+from ..jsonio import JSONInputError, check_depth
 
 logger = logging.getLogger(__name__)
 
@@ -538,6 +539,10 @@ def _read_text(path: Path) -> str:
 
 def _parse_json(text: str, label: str) -> Any:
     try:
+        check_depth(text, label)
+    except JSONInputError as exc:
+        raise CatalogueError(str(exc)) from None
+    try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise CatalogueError(
@@ -709,7 +714,10 @@ def _parse_questions_text(text: str, label: str) -> tuple[Question, ...]:
             if not line.strip():
                 continue
             try:
+                check_depth(line, f"{label}, line {lineno}")
                 records.append((lineno, json.loads(line)))
+            except JSONInputError as exc:
+                raise CatalogueError(str(exc)) from None
             except json.JSONDecodeError as exc:
                 raise CatalogueError(
                     f"{label}, line {lineno}: not valid JSON ({exc.msg}, column {exc.colno}); "

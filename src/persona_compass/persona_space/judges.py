@@ -30,7 +30,6 @@ Example::
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -44,6 +43,7 @@ import torch
 from ..chat import render_chat
 from ..errors import PersonaCompassError
 from ..generation import left_pad
+from ..jsonio import parse_json
 from ..record import padded_position_ids
 from ..specs import SELF, model_target, openai_target, spec_text
 from .openai_client import ClientOptions, OpenAIClient
@@ -583,9 +583,9 @@ def load_judge_sample(path: str | Path | None = None) -> list[LabelledItem]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = parse_json(line, f"{label}:{number}")
         except ValueError as exc:
-            raise JudgeError(f"{label}:{number} is not valid JSON: {exc}") from exc
+            raise JudgeError(str(exc)) from exc
         if not isinstance(row, dict) or not all(
             isinstance(row.get(k), str) for k in ("role", "question", "answer")
         ):

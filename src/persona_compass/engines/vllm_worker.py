@@ -142,11 +142,12 @@ class CompassRuntime:
     # -- requests -> slots ------------------------------------------------------------------
     def _sync_requests(self, runner: Any, req_ids: list[str]) -> None:
         live = runner.requests
-        for rid in [r for r in self.slot_of if r not in live]:
-            slot = self.slot_of.pop(rid)
-            self.compass_id.pop(rid, None)
-            self.tables.clear_slot(slot)
-            self._free.append(slot)
+        for rid in [r for r in self.compass_id if r not in live]:  # finished or aborted
+            self.compass_id.pop(rid)
+            slot = self.slot_of.pop(rid, None)
+            if slot is not None:
+                self.tables.clear_slot(slot)
+                self._free.append(slot)
         for rid in req_ids:
             if rid in self.slot_of or rid in self.compass_id:
                 continue
@@ -173,7 +174,9 @@ class CompassRuntime:
         batch = runner.input_batch
         n_reqs = int(batch.num_reqs)
         req_ids = list(batch.req_ids[:n_reqs])
-        if tuple(req_ids) != self._last_ids or any(r not in runner.requests for r in self.slot_of):
+        if tuple(req_ids) != self._last_ids or any(
+            r not in runner.requests for r in self.compass_id
+        ):
             self._sync_requests(runner, req_ids)
             self._last_ids = tuple(req_ids)
         qsl = np.asarray(runner.query_start_loc.np[: n_reqs + 1], dtype=np.int64)

@@ -173,6 +173,16 @@ def test_prefix_cache_never_serves_uncapped_kv_to_a_capped_request(engine, hf):
     _same_answer(got, want)
 
 
+def test_finished_requests_leave_nothing_behind_in_the_worker(engine):
+    batch = [CompassRequest(WHO, mode, sampling=GREEDY) for mode in ("off", "off", "on")]
+    engine.respond(batch)
+    engine.respond(batch)  # the first batch's requests are gone from vLLM by now
+    info = engine.info()
+    assert info["tracked_requests"] <= len(batch)
+    assert info["free_slots"] >= info["max_slots"] - 1 - len(batch)
+    assert info["uncollected_readings"] == 0
+
+
 def test_requests_the_engine_cannot_serve_are_refused_clearly(engine):
     outside = Steering(1.0, layers=(3,), scale="unit")
     with pytest.raises(EngineError, match="layers=\\[3\\]"):

@@ -255,6 +255,9 @@ class CompassRuntime:
             "max_slots": self.tables.max_slots,
             "max_tokens": self.max_tokens,
             "device": str(self.tables.vectors.device),
+            "tracked_requests": len(self.compass_id),
+            "free_slots": len(self._free),
+            "uncollected_readings": len(self.records),
         }
 
 

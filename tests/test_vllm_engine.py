@@ -204,3 +204,11 @@ def test_gguf_models_are_refused_before_vllm_starts(tmp_path):
     gguf.write_bytes(b"GGUF")
     with pytest.raises(EngineError, match="gguf"):
         VLLMEngine(str(gguf), "smollm2-135m")
+
+
+def test_an_axis_for_another_model_is_refused_before_vllm_starts(tmp_path):
+    from tiny import save_tiny_bundle
+
+    _, bundle, _ = save_tiny_bundle(tmp_path)
+    with pytest.raises(EngineError, match="axis has 4 layers of width 64 but smollm2-135m"):
+        VLLMEngine("smollm2-135m", str(bundle))

@@ -124,7 +124,7 @@ class VLLMEngine:
         multiprocessing: bool = False,
         **vllm_options: Any,
     ) -> None:
-        from transformers import AutoTokenizer, GenerationConfig
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
         bundle = resolve_bundle(os.fspath(axis))
         self.axis = Axis.load(bundle)
@@ -132,6 +132,7 @@ class VLLMEngine:
             capping_config = CappingConfig.load(bundle)
         self.capping_config = capping_config
         self.folder = model_folder(model)
+        self._check_shapes(AutoConfig.from_pretrained(self.folder), model)
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
         try:
             generation_config = GenerationConfig.from_pretrained(self.folder)
@@ -150,7 +151,7 @@ class VLLMEngine:
         # vLLM reads this when the engine starts: set it for every engine, not just the first.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocessing else "0"
         vllm = _import_vllm()
-        if torch.cuda.is_available() is False:
+        if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))
         options: dict[str, Any] = {"max_model_len": 2048, "seed": 0, **vllm_options}
         if compass:
@@ -171,6 +172,17 @@ class VLLMEngine:
             info = self.llm.collective_rpc("persona_compass_info")[0]
             if list(info["layers"]) != list(self.layers):
                 raise EngineError(f"the compass op runs on {info['layers']}, not {self.layers}")
+
+    def _check_shapes(self, config: Any, model: Any) -> None:
+        """Refuse, before vLLM starts, an axis made for a model of another shape."""
+        text = getattr(config, "text_config", None) or config
+        layers = getattr(text, "num_hidden_layers", None)
+        width = getattr(text, "hidden_size", None)
+        if (layers, width) != (self.axis.n_layers, self.axis.d_model):
+            raise EngineError(
+                f"the axis has {self.axis.n_layers} layers of width {self.axis.d_model} but "
+                f"{model} has {layers} of width {width}; use the axis bundle made for this model"
+            )
 
     # -- settings -> extra_args -------------------------------------------------------------
     def _cap_entries(self, cap: CappingConfig) -> list[list[Any]]:

@@ -90,7 +90,7 @@ def test_alert_rules_option_reads_json_text_or_a_file(tmp_path):
     assert parse_alert_rules(str(path)) == AlertRules(trend_turns=0, token_percentile=2)
     with pytest.raises(AlertRulesError, match="not valid JSON"):
         parse_alert_rules("{turn_run: 3}")
-    with pytest.raises(AlertRulesError, match="neither a JSON object nor an existing file"):
+    with pytest.raises(AlertRulesError, match="neither a JSON object nor a readable JSON file"):
         parse_alert_rules(str(tmp_path / "missing.json"))
     with pytest.raises(AlertRulesError, match="unknown alert rule"):
         parse_alert_rules('{"turn_runs": 3}')

@@ -118,7 +118,8 @@ def test_tables_reuse_vectors_refuse_overflow_and_clear_slots():
         tables.set_slot(0, caps=[(3, 0, 1.0)])
     tables.set_slot(4, caps=[(3, 1, 2.0)], steer=[(5, 1.0)])
     tables.clear_slot(4)
-    assert torch.isinf(tables.tau[4]).all() and not tables.steer[4].any()
+    assert torch.isinf(tables.params[:, 4, 1]).all()  # no floor on any layer
+    assert not tables.params[:, 4, 0].any() and not tables.params[:, 4, 2:].any()
     with pytest.raises(ValueError, match="monitor layer"):
         CompassTables(_units([1]), 2, max_tokens=4, max_slots=2)
 

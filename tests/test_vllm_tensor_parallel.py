@@ -13,8 +13,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from tiny import VOCAB_SIZE, make_tokenizer  # noqa: E402
-from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from tiny import make_pair  # noqa: E402
 
 from persona_compass import Axis, Calibration, CappingConfig, SamplingConfig  # noqa: E402
 from persona_compass.engines import CompassRequest  # noqa: E402
@@ -50,19 +49,7 @@ def _answers(model_dir, bundle, tp, monkeypatch):
 
 
 def _tiny_model_and_bundle(folder):
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=0,
-    )
-    model, tok = Qwen2ForCausalLM(config).eval(), make_tokenizer("chatml")
-    model.generation_config.eos_token_id = tok.eos_token_id
+    model, tok = make_pair("qwen2", hidden_size=128, intermediate_size=256, num_attention_heads=2)
     model_dir, bundle = folder / "model", folder / "bundle"
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)

@@ -117,9 +117,12 @@ def _common(n_layers: int, seed: int) -> dict:
     )
 
 
-def make_model(arch: str = "llama", n_layers: int = 4, seed: int = 0) -> torch.nn.Module:
-    """A random-weight causal LM of the given architecture, float32, eval mode."""
-    kwargs = _common(n_layers, seed)
+def make_model(
+    arch: str = "llama", n_layers: int = 4, seed: int = 0, **overrides: int
+) -> torch.nn.Module:
+    """A random-weight causal LM of the given architecture, float32, eval mode
+    (``overrides`` change config fields, e.g. ``hidden_size``)."""
+    kwargs = {**_common(n_layers, seed), **overrides}
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**kwargs))
     elif arch == "qwen2":
@@ -135,10 +138,10 @@ def make_model(arch: str = "llama", n_layers: int = 4, seed: int = 0) -> torch.n
 ARCH_STYLE = {"llama": "llama3", "qwen2": "chatml", "gemma2": "gemma"}
 
 
-def make_pair(arch: str = "llama", n_layers: int = 4, seed: int = 0):
+def make_pair(arch: str = "llama", n_layers: int = 4, seed: int = 0, **overrides: int):
     """(model, tokenizer) for an architecture, with its matching chat style."""
     tok = make_tokenizer(ARCH_STYLE[arch])
-    model = make_model(arch, n_layers, seed)
+    model = make_model(arch, n_layers, seed, **overrides)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     return model, tok

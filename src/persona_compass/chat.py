@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .errors import ChatTemplateError
 from .text import InvalidTextError, check_text
 
@@ -372,11 +374,12 @@ def _control_inside(
     ranges: Sequence[tuple[int, int]],
 ) -> bool:
     """Whether a control token was made from a message's own text."""
-    control = _control_ids(tokenizer)
-    for token, a, b in zip(ids, starts, ends, strict=True):
-        if token in control and b > a:
-            if any(lo <= a and b <= hi for lo, hi in ranges):
-                return True
+    # Only the template's few markers are control tokens: find them in C, check those alone.
+    found = np.flatnonzero(np.isin(np.asarray(ids), list(_control_ids(tokenizer))))
+    for i in found.tolist():
+        a, b = starts[i], ends[i]
+        if b > a and any(lo <= a and b <= hi for lo, hi in ranges):
+            return True
     return False
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import shlex
 import signal
 import sys
@@ -21,7 +20,6 @@ from rich.text import Text
 from ..alerts import AlertRules
 from ..compass import (
     CAP_MODES,
-    MAX_STEERING,
     Answer,
     CompassError,
     CompassSession,
@@ -400,8 +398,6 @@ class ChatUI:
             coefficient = float(args[0])
         except ValueError:
             raise usage_error("/steer", f"C must be a number, got {args[0]!r}") from None
-        if not math.isfinite(coefficient) or abs(coefficient) > MAX_STEERING:
-            raise usage_error("/steer", f"C must be a finite number within ±{MAX_STEERING:g}")
         layers: tuple[int, ...] | None = None
         if len(args) == 2:
             from ..layers import parse_layer_spec
@@ -410,7 +406,10 @@ class ChatUI:
                 layers = tuple(parse_layer_spec(args[1], self.session.axis.n_layers))
             except PersonaCompassError as exc:
                 raise usage_error("/steer", str(exc)) from None
-        steer = Steering(coefficient, layers)
+        try:  # Steering holds the one bound (NaN, infinity, past MAX_STEERING)
+            steer = Steering(coefficient, layers)
+        except CompassError as exc:
+            raise usage_error("/steer", str(exc)) from None
         self.session.steer = steer
         self.info(f"steering: {steer_text(steer)}", "magenta")
 

@@ -20,12 +20,11 @@ def allowed_hosts(host: str, extra: tuple[str, ...]) -> tuple[str, ...]:
     from ..server.config import LOCAL_HOSTS
 
     bound = host.strip().strip("[]").lower()
-    if bound in ("", "0.0.0.0", "::") and not extra:
+    everywhere = bound in ("", "0.0.0.0", "::")
+    if everywhere and not extra:
         return ("*",)
-    names = [*LOCAL_HOSTS, *extra]
-    if bound not in ("", "0.0.0.0", "::"):
-        names.append(bound)
-    return tuple(dict.fromkeys(n.strip().strip("[]").lower() for n in names if n.strip()))
+    # ServerConfig normalises the names (case, brackets); here they are only gathered.
+    return tuple(dict.fromkeys([*LOCAL_HOSTS, *extra, *(() if everywhere else (bound,))]))
 
 
 def is_loopback(host: str) -> bool:

@@ -40,9 +40,7 @@ def open_engine(
     from ..capping import CappingConfig
     from ..models import load_model
 
-    cap = options.pop("capping_config", None)
     bundle = resolve_bundle(os.fspath(axis))
-    if cap is None and (bundle / "capping.json").is_file():
-        cap = CappingConfig.load(bundle)
+    cap = options.pop("capping_config", None) or CappingConfig.load_optional(bundle)
     hf_model, tokenizer = load_model(model, **options)
     return HFEngine(hf_model, tokenizer, Axis.load(bundle), capping_config=cap)

@@ -140,16 +140,6 @@ class CompassTables:
         self.params[:, slot] = 0.0
         self.params[:, slot, 1] = float("-inf")
 
-    @property
-    def tau(self) -> Tensor:
-        """(max_slots, n_layers) floors (-inf: no cap)."""
-        return self.params[:, :, 1].T
-
-    @property
-    def steer(self) -> Tensor:
-        """(max_slots, n_layers) steering coefficients."""
-        return self.params[:, :, 0].T
-
 
 # The tables the op reads: one set per process (a tensor-parallel rank is its own process).
 _ACTIVE: CompassTables | None = None
@@ -178,14 +168,16 @@ def apply_compass(tables: CompassTables, layer: int, block_out: Tensor, addend: 
     vectors, gram = tables.vectors[i], tables.gram[i]  # (K, D), (K, K)
     prm = tables.params[i].index_select(0, tables.token_slot[:n])  # (n, 2 + K)
     alpha, tau, sel = prm[:, :1], prm[:, 1], prm[:, 2:]
-    p0 = block_out.to(torch.float32) @ vectors.T  # (n, K)
+    h32 = block_out.to(torch.float32)  # no copy when the model runs in float32
+    p0 = h32 @ vectors.T  # (n, K)
     p = torch.linalg.vecdot(torch.addcmul(p0, alpha, gram[0]), sel)  # (n,)
     excess = torch.relu(tau - p)  # 0 where tau = -inf (no cap)
     torch.gt(excess, 0, out=tables.raised[i, :n])
     change = torch.addcmul(alpha * tables._first, sel, excess.unsqueeze(1))  # (n, K)
     if layer == tables.monitor_layer:
         torch.addmv(p0[:, 0], change, gram[:, 0], out=tables.readings[:n])
-    return torch.addmm(addend.to(torch.float32), change, vectors).to(addend.dtype)
+    a32 = h32 if addend is block_out else addend.to(torch.float32)  # cast once
+    return torch.addmm(a32, change, vectors).to(addend.dtype)
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=())

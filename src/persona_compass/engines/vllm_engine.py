@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 
-from ..alerts import AlertRules
 from ..axis import Axis
 from ..bundles import resolve_bundle
 from ..capping import CappingConfig
@@ -78,6 +77,7 @@ class _Plan:
 
     request: CompassRequest
     rendered: RenderedChat
+    config: CappingConfig | None  # the request's capping config (its own or the engine's)
     cap: CappingConfig | None  # applied to this answer (after the adaptive decision)
     history: list[TurnReading] | None = None  # adaptive mode: read before generating
     adaptive: AdaptiveCap | None = None
@@ -128,8 +128,8 @@ class VLLMEngine:
 
         bundle = resolve_bundle(os.fspath(axis))
         self.axis = Axis.load(bundle)
-        if capping_config is None and (bundle / "capping.json").is_file():
-            capping_config = CappingConfig.load(bundle)
+        if capping_config is None:
+            capping_config = CappingConfig.load_optional(bundle)
         self.capping_config = capping_config
         self.folder = model_folder(model)
         self._check_shapes(AutoConfig.from_pretrained(self.folder), model)
@@ -194,12 +194,15 @@ class VLLMEngine:
             )
         sign = 1.0 if cap.form == "floor" else -1.0  # a ceiling is the floor on -v at -tau
         vectors = [sign * cap.vectors[i].float() for i in range(len(cap.layers))]
-        missing = [
-            (layer, vec)
-            for layer, vec in zip(cap.layers, vectors, strict=True)
-            if (layer, vec.numpy().tobytes()) not in self._vector_rows
+        keys = [
+            (layer, vec.numpy().tobytes()) for layer, vec in zip(cap.layers, vectors, strict=True)
         ]
-        outside = sorted({layer for layer, _ in missing if layer not in self.layers})
+        missing = [
+            (key, vec)
+            for key, vec in zip(keys, vectors, strict=True)
+            if key not in self._vector_rows
+        ]
+        outside = sorted({key[0] for key, _ in missing if key[0] not in self.layers})
         if outside:
             raise EngineError(
                 f"this engine runs the compass on layers {list(self.layers)}; the capping "
@@ -208,13 +211,13 @@ class VLLMEngine:
         if missing:
             rows = self.llm.collective_rpc(
                 "persona_compass_add_vectors",
-                args=([(layer, vec.tolist()) for layer, vec in missing],),
+                args=([(key[0], vec.tolist()) for key, vec in missing],),
             )[0]
-            for (layer, vec), row in zip(missing, rows, strict=True):
-                self._vector_rows[(layer, vec.numpy().tobytes())] = int(row)
+            for (key, _), row in zip(missing, rows, strict=True):
+                self._vector_rows[key] = int(row)
         return [
-            [layer, self._vector_rows[(layer, vec.numpy().tobytes())], sign * float(tau)]
-            for layer, vec, tau in zip(cap.layers, vectors, cap.thresholds, strict=True)
+            [key[0], self._vector_rows[key], sign * float(tau)]
+            for key, tau in zip(keys, cap.thresholds, strict=True)
         ]
 
     def _steer_entries(self, steer: Steering) -> list[list[Any]]:
@@ -286,9 +289,9 @@ class VLLMEngine:
             raise EngineError("this engine was started with compass=False; it only generates")
         plans = []
         for req in requests:
-            cap = req.cap(self.capping_config)
+            config = req.cap(self.capping_config)
             rendered = render_chat(self.tokenizer, list(req.messages), add_generation_prompt=True)
-            plans.append(_Plan(req, rendered, cap if req.mode == "on" else None))
+            plans.append(_Plan(req, rendered, config, config if req.mode == "on" else None))
         plans = self._decide_adaptive(plans)
         params = [self._params(p.request, p.cap, probe=False) for p in plans]
         prompts = [self._prompt(p.rendered, q) for p, q in zip(plans, params, strict=True)]
@@ -317,14 +320,14 @@ class VLLMEngine:
             values, _ = self._values(readings.get(param.extra_args[CONFIG_KEY]["id"]))
             n = len(history_chat.input_ids)
             self._check_read(values, 0, n)
-            mon = self._monitor(values[:n], plan.request.rules)
+            mon = DriftMonitor.from_projections(self.axis, values[:n], rules=plan.request.rules)
             history = history_readings(mon, history_chat.spans)
             state = AdaptiveCap(plan.request.policy)
             for reading in history:
                 if reading.role == "assistant":
                     state.update(reading)
-            cap = plan.request.cap(self.capping_config) if state.engaged else None
-            out[i] = _Plan(plan.request, plan.rendered, cap, history, state, mon)
+            cap = plan.config if state.engaged else None
+            out[i] = _Plan(plan.request, plan.rendered, plan.config, cap, history, state, mon)
         return out
 
     @staticmethod
@@ -338,9 +341,6 @@ class VLLMEngine:
         return torch.tensor(projections, dtype=torch.float32), torch.tensor(
             raised, dtype=torch.bool
         )
-
-    def _monitor(self, projections: torch.Tensor, rules: AlertRules | None) -> DriftMonitor:
-        return DriftMonitor.from_projections(self.axis, projections, rules=rules)
 
     @staticmethod
     def _check_read(projections: torch.Tensor, start: int, end: int) -> None:
@@ -377,7 +377,7 @@ class VLLMEngine:
             mon = plan.monitor
             mon.load(projections)
         else:
-            mon = self._monitor(projections, req.rules)
+            mon = DriftMonitor.from_projections(self.axis, projections, rules=req.rules)
         history = plan.history
         if history is None:
             history = []

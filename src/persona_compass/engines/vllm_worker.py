@@ -135,6 +135,7 @@ class CompassRuntime:
         self._last_ids: tuple[str, ...] = ()
         self._row_slots = np.zeros(0, dtype=np.int64)
         self._row_ids: list[str | None] = []
+        self._recording = False  # whether any request of the current batch is read
         self._pending: tuple[Any, ...] | None = None
         self.records: OrderedDict[str, _Record] = OrderedDict()
         logger.info("persona-compass: op on layers %s, monitor layer %d", layers, monitor)
@@ -167,6 +168,7 @@ class CompassRuntime:
                 self.slot_of[rid] = slot
         self._row_slots = np.array([self.slot_of.get(r, NULL_SLOT) for r in req_ids])
         self._row_ids = [self.compass_id.get(r) or None for r in req_ids]
+        self._recording = any(self._row_ids)
 
     def before_forward(self, runner: Any, n_padded: int) -> None:
         """Write each token's slot (one host-to-device copy) and mark readings unwritten."""
@@ -174,9 +176,7 @@ class CompassRuntime:
         batch = runner.input_batch
         n_reqs = int(batch.num_reqs)
         req_ids = list(batch.req_ids[:n_reqs])
-        if tuple(req_ids) != self._last_ids or any(
-            r not in runner.requests for r in self.compass_id
-        ):
+        if tuple(req_ids) != self._last_ids:  # a request came or left (finished, aborted)
             self._sync_requests(runner, req_ids)
             self._last_ids = tuple(req_ids)
         qsl = np.asarray(runner.query_start_loc.np[: n_reqs + 1], dtype=np.int64)
@@ -193,14 +193,14 @@ class CompassRuntime:
         tables.token_slot[:n_padded].copy_(host[:n_padded], non_blocking=True)
         tables.readings[:n_padded].fill_(float("nan"))  # a layer that never ran shows as NaN
         starts = np.asarray(batch.num_computed_tokens_cpu[:n_reqs], dtype=np.int64).copy()
-        self._step_info = (list(self._row_ids), starts, qsl, n)
+        self._step_info = (self._row_ids, starts, qsl, n)  # replaced, never mutated
 
     def after_forward(self) -> None:
         """Start this step's readings on their way to the host (asynchronous on a GPU)."""
         row_ids, starts, qsl, n = self._step_info
         k = self._step % 2
         self._step += 1
-        if any(row_ids):
+        if self._recording:
             host_read, host_raised = self._host_read[k]
             host_read[:n].copy_(self.tables.readings[:n], non_blocking=True)
             host_raised[:n].copy_(self.tables.raised[:, :n].T, non_blocking=True)
@@ -209,7 +209,7 @@ class CompassRuntime:
             event = torch.cuda.Event()
             event.record()
         self._events[k] = event
-        if any(row_ids):
+        if self._recording:
             self._pending = (event, k, row_ids, starts, qsl)
 
     def _collect(self) -> None:

@@ -723,8 +723,9 @@ def test_cli_serve(monkeypatch, tiny, tmp_path):
     _, bundle = save_tiny(tiny, tmp_path)
     seen = {}
 
-    def fake_from_specs(axis_spec, model_spec, config, *, dtype=None):
+    def fake_from_specs(axis_spec, model_spec, config, *, dtype=None, engine, engine_options):
         seen.update(axis=axis_spec, model=model_spec, config=config, dtype=dtype)
+        seen.update(engine=engine, engine_options=engine_options)
         return "app"
 
     monkeypatch.setattr(server_app, "create_app_from_specs", fake_from_specs)
@@ -739,6 +740,18 @@ def test_cli_serve(monkeypatch, tiny, tmp_path):
     assert config.cap_mode == "on" and config.queue_size == 3 and config.api_key is None
     assert config.max_tokens_limit == 64 and config.default_max_tokens == 64
     assert "warning" not in result.output
+    assert seen["engine"] == "hf" and seen["engine_options"] == {}
+
+    result = runner.invoke(
+        main,
+        ["serve", "--axis", str(bundle), "--engine", "vllm", "--max-concurrency", "5"]
+        + ["--max-model-len", "512", "--eager"],
+    )
+    assert result.exit_code == 0, result.output
+    assert seen["engine"] == "vllm" and seen["config"].max_concurrency == 5
+    assert seen["engine_options"] == {"max_model_len": 512, "enforce_eager": True}
+    result = runner.invoke(main, ["serve", "--axis", str(bundle), "--max-concurrency", "4"])
+    assert result.exit_code == 2 and "only apply to --engine vllm" in result.output
 
     monkeypatch.setenv("PERSONA_COMPASS_API_KEY", "from-env")
     result = runner.invoke(main, ["serve", "--axis", str(bundle), "--host", "0.0.0.0"])

@@ -86,6 +86,34 @@ def is_loopback(host: str) -> bool:
 )
 @click.option("--dtype", default=None, help="Model dtype, e.g. bfloat16 or float32.")
 @click.option(
+    "--engine",
+    type=click.Choice(["hf", "vllm"]),
+    default="hf",
+    show_default=True,
+    help="hf: Hugging Face generate in this process, one answer at a time. vllm: vLLM's "
+    "continuous batching (needs the vllm extra; `make install` has it), every request "
+    "with its own cap mode, capping, steering and alerts.",
+)
+@click.option(
+    "--max-concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    help="vllm: answers generated together (vLLM's max_num_seqs) [default: 8]; --queue more "
+    "wait, and beyond that requests get 429. The hf engine generates one at a time.",
+)
+@click.option(
+    "--max-model-len",
+    type=click.IntRange(min=16),
+    default=None,
+    help="vllm: the longest conversation in tokens (prompt + answer) [default: 2048].",
+)
+@click.option(
+    "--eager/--compile",
+    default=False,
+    show_default=True,
+    help="vllm: skip torch.compile (starts in seconds instead of minutes, decodes slower).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     default="info",
@@ -112,6 +140,10 @@ def serve(
     default_max_tokens: int,
     queue_size: int,
     dtype: str | None,
+    engine: str,
+    max_concurrency: int | None,
+    max_model_len: int | None,
+    eager: bool,
     log_level: str,
     alert_rules: str | None,
     allow_hosts: tuple[str, ...],
@@ -122,6 +154,9 @@ def serve(
     answer's position on the Assistant Axis, its percentile, alerts and the cap state.
     GET / is a chat page with a live drift chart; GET /metrics is Prometheus text.
     The model and axis load before the server accepts connections.
+
+    With --engine vllm, concurrent requests are batched by vLLM's scheduler (continuous
+    batching), each with its own compass settings; the API and telemetry are the same.
     """
     try:
         import uvicorn  # noqa: F401
@@ -137,6 +172,27 @@ def serve(
 
     # fail before the model loads (requests can still send a capping window with --cap off)
     check_cap_mode(cap_mode, CappingConfig.load_optional(resolve_bundle(axis_spec)))
+    engine_options: dict[str, Any] = {}
+    if engine == "vllm":
+        if max_model_len is not None:
+            engine_options["max_model_len"] = max_model_len
+        if eager:
+            engine_options["enforce_eager"] = True
+    else:
+        used = [
+            flag
+            for flag, value in (
+                ("--max-concurrency", max_concurrency),
+                ("--max-model-len", max_model_len),
+                ("--eager", eager or None),
+            )
+            if value is not None
+        ]
+        if used:
+            raise click.UsageError(
+                f"{', '.join(used)} only apply to --engine vllm (the hf engine generates one "
+                "answer at a time, in the model's own context length)"
+            )
     key = (api_key or "").strip() or None  # a blank key is no key
     if not is_loopback(host) and key is None:
         click.echo(
@@ -151,10 +207,18 @@ def serve(
         max_tokens_limit=max_tokens,
         default_max_tokens=min(default_max_tokens, max_tokens),
         queue_size=queue_size,
+        max_concurrency=max_concurrency or 8,
         rules=parse_alert_rules(alert_rules),
         allowed_hosts=allowed_hosts(host, allow_hosts),
     )
-    app = create_app_from_specs(axis_spec, model_spec, config, dtype=dtype)
+    app = create_app_from_specs(
+        axis_spec,
+        model_spec,
+        config,
+        dtype=dtype,
+        engine=engine,
+        engine_options=engine_options,
+    )
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"persona-compass serve: loading, then listening on http://{shown}:{port}", err=True)
     run_server(app, host=host, port=port, log_level=log_level)

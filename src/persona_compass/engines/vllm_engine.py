@@ -72,7 +72,7 @@ def model_folder(spec: str | os.PathLike[str]) -> str:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class EnginePlan:
     """One request as the engine will send it."""
 
     request: CompassRequest
@@ -241,7 +241,20 @@ class VLLMEngine:
             out.append([layer, alpha])
         return out
 
-    def _params(self, req: CompassRequest, cap: CappingConfig | None, *, probe: bool) -> Any:
+    def _params(
+        self,
+        req: CompassRequest,
+        cap: CappingConfig | None,
+        *,
+        probe: bool,
+        stream: bool = False,
+    ) -> Any:
+        """vLLM sampling parameters with the request's compass settings in ``extra_args``.
+
+        ``stream``: vLLM reports the answer so far after every step (else only when done).
+        """
+        from vllm.sampling_params import RequestOutputKind
+
         sampling = req.sampling
         settings: dict[str, Any] = {"id": uuid.uuid4().hex}
         if not probe:
@@ -262,8 +275,14 @@ class VLLMEngine:
             # Readings of prompt positions exist only where vLLM computes them: a request
             # that reads its history must not take its prefix from the cache.
             skip_reading_prefix_cache=probe or req.read_history,
+            output_kind=RequestOutputKind.CUMULATIVE if stream else RequestOutputKind.FINAL_ONLY,
             extra_args={CONFIG_KEY: settings},
         )
+
+    @staticmethod
+    def request_id(params: Any) -> str:
+        """The id under which vLLM and the compass workers know a request."""
+        return str(params.extra_args[CONFIG_KEY]["id"])
 
     @staticmethod
     def _prompt(rendered: RenderedChat, params: Any) -> dict[str, Any]:
@@ -277,58 +296,67 @@ class VLLMEngine:
 
     def _run(self, prompts: list[dict[str, Any]], params: list[Any]) -> tuple[list[Any], dict]:
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        ids = [p.extra_args[CONFIG_KEY]["id"] for p in params]
-        readings = self.llm.collective_rpc("persona_compass_take", args=(ids,))[0]
-        return outputs, readings
+        return outputs, self.take([self.request_id(p) for p in params])
+
+    def take(self, ids: Sequence[str]) -> dict[str, Any]:
+        """Collect (and forget) the workers' readings of finished requests."""
+        return dict(self.llm.collective_rpc("persona_compass_take", args=(list(ids),))[0])
 
     # -- requests ---------------------------------------------------------------------------
+    def plan(self, req: CompassRequest) -> EnginePlan:
+        """Render a request and resolve its capping config (adaptive: decided later)."""
+        if not self.compass:
+            raise EngineError("this engine was started with compass=False; it only generates")
+        config = req.cap(self.capping_config)
+        rendered = render_chat(self.tokenizer, list(req.messages), add_generation_prompt=True)
+        return EnginePlan(req, rendered, config, config if req.mode == "on" else None)
+
+    def answer_request(self, plan: EnginePlan, *, stream: bool = False) -> tuple[dict, Any]:
+        """The prompt and sampling parameters that generate a planned answer."""
+        params = self._params(plan.request, plan.cap, probe=False, stream=stream)
+        return self._prompt(plan.rendered, params), params
+
+    def probe_request(self, plan: EnginePlan) -> tuple[RenderedChat, dict, Any]:
+        """An adaptive request's history read: the conversation without the generation
+        prompt, uncapped, one token (exactly as the hf engine's extra forward pass reads it)."""
+        history_chat = render_chat(self.tokenizer, list(plan.request.messages))
+        params = self._params(plan.request, None, probe=True)
+        return history_chat, self._prompt(history_chat, params), params
+
+    def decide(self, plan: EnginePlan, history_chat: RenderedChat, reading: Any) -> EnginePlan:
+        """An adaptive plan after its history was read: capped when an alert engaged it."""
+        values, _ = self._values(reading)
+        n = len(history_chat.input_ids)
+        self._check_read(values, 0, n)
+        mon = DriftMonitor.from_projections(self.axis, values[:n], rules=plan.request.rules)
+        history = history_readings(mon, history_chat.spans)
+        state = AdaptiveCap(plan.request.policy)
+        for turn in history:
+            if turn.role == "assistant":
+                state.update(turn)
+        cap = plan.config if state.engaged else None
+        return EnginePlan(plan.request, plan.rendered, plan.config, cap, history, state, mon)
+
     def respond(self, requests: Sequence[CompassRequest]) -> list[Answer]:
         """Generate all answers in one batch; adaptive requests first read their history in
         a one-token batch of their own (as the ``hf`` engine's extra prefill does)."""
-        if not self.compass:
-            raise EngineError("this engine was started with compass=False; it only generates")
-        plans = []
-        for req in requests:
-            config = req.cap(self.capping_config)
-            rendered = render_chat(self.tokenizer, list(req.messages), add_generation_prompt=True)
-            plans.append(_Plan(req, rendered, config, config if req.mode == "on" else None))
-        plans = self._decide_adaptive(plans)
-        params = [self._params(p.request, p.cap, probe=False) for p in plans]
-        prompts = [self._prompt(p.rendered, q) for p, q in zip(plans, params, strict=True)]
-        outputs, readings = self._run(prompts, params)
+        plans = [self.plan(req) for req in requests]
+        probes = {
+            i: self.probe_request(p) for i, p in enumerate(plans) if p.request.mode == "adaptive"
+        }
+        if probes:
+            _, readings = self._run(
+                [prompt for _, prompt, _ in probes.values()],
+                [params for _, _, params in probes.values()],
+            )
+            for i, (chat, _, params) in probes.items():
+                plans[i] = self.decide(plans[i], chat, readings.get(self.request_id(params)))
+        sent = [self.answer_request(p) for p in plans]
+        outputs, readings = self._run([s[0] for s in sent], [s[1] for s in sent])
         return [
-            self._answer(plan, out, readings.get(param.extra_args[CONFIG_KEY]["id"]))
-            for plan, out, param in zip(plans, outputs, params, strict=True)
+            self.finish(plan, out, readings.get(self.request_id(params)))
+            for plan, out, (_, params) in zip(plans, outputs, sent, strict=True)
         ]
-
-    def _decide_adaptive(self, plans: list[_Plan]) -> list[_Plan]:
-        adaptive = [i for i, p in enumerate(plans) if p.request.mode == "adaptive"]
-        if not adaptive:
-            return plans
-        # The history is read uncapped from the conversation without the generation prompt,
-        # exactly as the hf engine's extra forward pass reads it.
-        probes = []
-        for i in adaptive:
-            req = plans[i].request
-            history_chat = render_chat(self.tokenizer, list(req.messages))
-            probes.append((i, history_chat, self._params(req, None, probe=True)))
-        prompts = [self._prompt(r, q) for _, r, q in probes]
-        _, readings = self._run(prompts, [q for _, _, q in probes])
-        out = list(plans)
-        for i, history_chat, param in probes:
-            plan = plans[i]
-            values, _ = self._values(readings.get(param.extra_args[CONFIG_KEY]["id"]))
-            n = len(history_chat.input_ids)
-            self._check_read(values, 0, n)
-            mon = DriftMonitor.from_projections(self.axis, values[:n], rules=plan.request.rules)
-            history = history_readings(mon, history_chat.spans)
-            state = AdaptiveCap(plan.request.policy)
-            for reading in history:
-                if reading.role == "assistant":
-                    state.update(reading)
-            cap = plan.config if state.engaged else None
-            out[i] = _Plan(plan.request, plan.rendered, plan.config, cap, history, state, mon)
-        return out
 
     @staticmethod
     def _values(reading: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,7 +378,8 @@ class VLLMEngine:
                 "step (a stale vLLM compile cache, or a vLLM release this engine does not know)"
             )
 
-    def _answer(self, plan: _Plan, output: Any, reading: Any) -> Answer:
+    def finish(self, plan: EnginePlan, output: Any, reading: Any) -> Answer:
+        """The Answer of a finished vLLM output and its readings."""
         req, rendered = plan.request, plan.rendered
         completion = output.outputs[0]
         ids = list(completion.token_ids)

@@ -248,6 +248,21 @@ class CompassRuntime:
             out[cid] = (record.projections[:end].tolist(), record.raised[:end].tolist())
         return out
 
+    def peek(self, offsets: dict[str, int]) -> dict[str, list[float]]:
+        """The monitor-layer readings of running requests from each given position on (kept:
+        :meth:`take` still hands over everything). Streaming reads only what is new."""
+        self._collect()
+        out = {}
+        for cid, start in offsets.items():
+            record = self.records.get(cid)
+            if record is None:
+                continue
+            values = record.projections[int(start) :]
+            valid = ~np.isnan(values)
+            end = int(np.argmin(valid)) if not valid.all() else len(values)
+            out[cid] = values[:end].tolist()
+        return out
+
     def info(self) -> dict[str, Any]:
         return {
             "layers": list(self.tables.layers),
@@ -335,3 +350,6 @@ class CompassWorkerExtension:
 
     def persona_compass_take(self, ids: list[str]) -> dict[str, Any]:
         return self._compass().take(list(ids))
+
+    def persona_compass_peek(self, offsets: dict[str, int]) -> dict[str, list[float]]:
+        return self._compass().peek(dict(offsets))

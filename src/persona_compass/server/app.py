@@ -33,7 +33,7 @@ from starlette.types import ASGIApp
 
 from ..axis import Axis
 from ..capping import CappingConfig
-from ..compass import Answer, Delta
+from ..compass import Answer
 from ..errors import PersonaCompassError
 from ..jsonio import JSONInputError, parse_json
 from .config import ServerConfig, ServerConfigError
@@ -52,6 +52,7 @@ __all__ = [
     "ServerConfigError",
     "create_app",
     "create_app_from_specs",
+    "create_vllm_app",
 ]
 
 
@@ -87,11 +88,11 @@ def _build_app(
 
     def _depth() -> float:
         state = current()
-        return float(state.worker.depth) if state is not None else 0.0
+        return float(state.depth) if state is not None else 0.0
 
     def _busy() -> float:
         state = current()
-        return 1.0 if state is not None and state.worker.busy else 0.0
+        return 1.0 if state is not None and state.busy else 0.0
 
     metrics = Metrics(queue_depth=_depth, busy=_busy)
 
@@ -106,11 +107,11 @@ def _build_app(
         state = holder["state"]
         assert state is not None
         app.state.compass = state
-        state.worker.start()
+        state.start()
         try:
             yield
         finally:
-            state.worker.stop()
+            state.stop()
 
     app = FastAPI(
         title="persona-compass",
@@ -171,8 +172,9 @@ def _build_app(
             {
                 "status": "ok" if state is not None else "loading",
                 "model": state.model_name if state is not None else config.model_name,
-                "queue_depth": state.worker.depth if state is not None else 0,
-                "busy": bool(state is not None and state.worker.busy),
+                "queue_depth": state.depth if state is not None else 0,
+                "busy": bool(state is not None and state.busy),
+                "engine": state.engine_name if state is not None else None,
                 "auth_required": config.api_key is not None,
             }
         )
@@ -227,32 +229,24 @@ def _build_app(
             except RuntimeError:  # the event loop is gone (shutdown)
                 pass
 
-        def on_delta(delta: Delta) -> None:
-            emit("delta", delta)
-
-        def work(cancel: threading.Event) -> Answer:
-            try:
-                answer = state.generate(
-                    plan,
-                    cancel,
-                    on_start=lambda n: emit("start", n),
-                    on_delta=on_delta if req.stream else None,
-                )
-            except BaseException as exc:
-                if not isinstance(exc, RequestError):  # a refused request is no completion
-                    metrics.completions.inc(finish_reason="error")
-                emit("error", exc)
-                raise
-            record_answer(answer)
-            emit("done", answer)
-            return answer
+        def sink(kind: str, payload: Any) -> None:  # on the generation thread
+            if kind == "done":
+                record_answer(payload)
+            elif kind == "error" and not isinstance(payload, RequestError):
+                metrics.completions.inc(finish_reason="error")  # a refused request is none
+            emit(kind, payload)
 
         try:
-            job = state.worker.submit(work)
+            job = state.submit(plan, stream=req.stream, sink=sink)
         except QueueFull as exc:
             metrics.rejected.inc()
+            many = (
+                "one answer at a time"
+                if state.engine_name == "hf"
+                else (f"{config.max_concurrency} answers at a time")
+            )
             raise RequestError(
-                f"{exc}; the server generates one answer at a time",
+                f"{exc}; the server generates {many}",
                 status=429,
                 type="rate_limit_error",
                 code="rate_limit_exceeded",
@@ -354,25 +348,54 @@ def create_app(
     return _build_app(config, lambda: state, eager=True)
 
 
+def create_vllm_app(engine: Any, config: ServerConfig) -> FastAPI:
+    """The server around an already started
+    :class:`~persona_compass.engines.vllm_engine.VLLMEngine` (closed when the app stops)."""
+    from .vllm_state import VLLMCompassState
+
+    state = VLLMCompassState(engine, config)
+    return _build_app(config, lambda: state, eager=True)
+
+
 def create_app_from_specs(
     axis_spec: str,
     model_spec: str | None,
     config: ServerConfig,
     *,
     dtype: str | None = None,
+    engine: str = "hf",
+    engine_options: dict[str, Any] | None = None,
 ) -> FastAPI:
     """The server for an axis bundle (folder or shipped alias) and a model spec.
 
     The bundle, its capping config (``capping.json``, if any) and the model (default: the
     bundle's model) load in the app's lifespan, before the server accepts connections.
     ``config.model_name`` left empty becomes the model spec.
+
+    ``engine``: ``hf`` generates one answer at a time in this process; ``vllm`` starts a
+    :class:`~persona_compass.engines.vllm_engine.VLLMEngine` (``engine_options`` go to it)
+    that batches up to ``config.max_concurrency`` answers.
     """
+    from ..engines import check_engine_name
+
+    check_engine_name(engine)
+    if engine == "hf" and engine_options:
+        raise ServerConfigError(f"engine options {sorted(engine_options)} are for --engine vllm")
 
     def load() -> CompassState:
         from ..bundles import resolve_bundle
-        from ..cli.common import load_axis_and_model
+        from ..cli.common import DEFAULT_MODEL, load_axis_and_model
 
         bundle = resolve_bundle(axis_spec)
+        if engine == "vllm":
+            from ..engines.vllm_engine import VLLMEngine
+            from .vllm_state import VLLMCompassState
+
+            spec = model_spec or Axis.load(bundle).model_id or DEFAULT_MODEL
+            options = {"max_num_seqs": config.max_concurrency, **(engine_options or {})}
+            started = VLLMEngine(spec, bundle, dtype=dtype or "auto", **options)
+            cfg = config if config.model_name else replace(config, model_name=spec)
+            return VLLMCompassState(started, cfg)
         axis, model, tokenizer, spec = load_axis_and_model(str(bundle), model_spec, dtype)
         cap = CappingConfig.load_optional(bundle)
         cfg = config if config.model_name else replace(config, model_name=spec)

@@ -29,6 +29,8 @@ class ServerConfig:
         max_tokens_limit: the largest ``max_tokens`` a request may ask for (400 above).
         default_max_tokens: ``max_tokens`` when a request gives none (at most the limit).
         queue_size: requests that may wait for the generation thread (429 beyond).
+        max_concurrency: answers generated together (the ``vllm`` engine's batch; the
+            ``hf`` engine always generates one at a time).
         max_body_bytes: the largest request body (413 beyond).
         rules: the default alert rules (a request's ``rules`` fields override them).
         allowed_hosts: host names the ``Host`` header may carry (any port), so that a web
@@ -42,6 +44,7 @@ class ServerConfig:
     max_tokens_limit: int = 1024
     default_max_tokens: int = 256
     queue_size: int = 16
+    max_concurrency: int = 8
     max_body_bytes: int = 1_000_000
     rules: AlertRules | None = None
     allowed_hosts: tuple[str, ...] = LOCAL_HOSTS
@@ -51,7 +54,13 @@ class ServerConfig:
             raise ServerConfigError(
                 f"cap mode {self.cap_mode!r} is not one of {', '.join(CAP_MODES)}"
             )
-        for name in ("max_tokens_limit", "default_max_tokens", "queue_size", "max_body_bytes"):
+        for name in (
+            "max_tokens_limit",
+            "default_max_tokens",
+            "queue_size",
+            "max_concurrency",
+            "max_body_bytes",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ServerConfigError(f"{name}={value!r} must be a whole number >= 1")

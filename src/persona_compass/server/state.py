@@ -58,7 +58,13 @@ class Plan:
 
 
 class CompassState:
-    """The loaded model, axis and capping config, the worker, and the built-config cache."""
+    """The loaded model, axis and capping config, the worker, and the built-config cache.
+
+    This one generates with the embedded ``hf`` engine on one worker thread, one answer at a
+    time; :class:`~.vllm_state.VLLMCompassState` batches them in vLLM.
+    """
+
+    engine_name = "hf"
 
     def __init__(
         self,
@@ -68,18 +74,92 @@ class CompassState:
         capping_config: CappingConfig | None,
         config: ServerConfig,
     ) -> None:
+        self._setup(tokenizer, axis, capping_config, config)
+        self.model = model
+        self.worker = GenerationWorker(config.queue_size)
+
+    def _setup(
+        self,
+        tokenizer: Any,
+        axis: Axis,
+        capping_config: CappingConfig | None,
+        config: ServerConfig,
+    ) -> None:
         check_cap_mode(config.cap_mode, capping_config)
-        self.model, self.tokenizer, self.axis = model, tokenizer, axis
+        self.tokenizer, self.axis = tokenizer, axis
         self.capping_config = capping_config
         self.config = config
         self.model_name = config.model_name or str(axis.model_id or "model")
         self.rules = config.rules or AlertRules()
         self.default_max_tokens = min(config.default_max_tokens, config.max_tokens_limit)
-        self.worker = GenerationWorker(config.queue_size)
         self.created = int(time.time())
         self._caps: OrderedDict[tuple[tuple[int, ...], float], CappingConfig] = OrderedDict()
         self._caps_lock = threading.Lock()
         self._info = self._compass_info()  # fixed for the server's life
+
+    # -- the generation queue ---------------------------------------------------------------
+    def start(self) -> None:
+        self.worker.start()
+
+    def stop(self) -> None:
+        self.worker.stop()
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting for the model."""
+        return self.worker.depth
+
+    @property
+    def busy(self) -> bool:
+        """Whether an answer is being generated now."""
+        return self.worker.busy
+
+    def submit(self, plan: Plan, *, stream: bool, sink: Callable[[str, Any], None]) -> Any:
+        """Queue a planned request; ``sink`` gets ``start``, ``delta`` (when streaming), then
+        ``done`` or ``error`` events from the generation thread. Returns a job with
+        ``abandon()``. Raises :class:`~.worker.QueueFull` when no place is free."""
+
+        def work(cancel: threading.Event) -> Answer:
+            try:
+                answer = self.generate(
+                    plan,
+                    cancel,
+                    on_start=lambda n: sink("start", n),
+                    on_delta=(lambda delta: sink("delta", delta)) if stream else None,
+                )
+            except BaseException as exc:
+                sink("error", exc)
+                raise
+            sink("done", answer)
+            return answer
+
+        return self.worker.submit(work)
+
+    def context_window(self) -> int | None:
+        """The model's context length in tokens (None: unknown)."""
+        return context_length(self.model)
+
+    def fit_prompt(self, plan: Plan) -> tuple[int, int]:
+        """The prompt's length and the tokens left to generate, checked against the context.
+
+        Raises:
+            RequestError: the conversation (with an explicit ``max_tokens``) does not fit.
+        """
+        messages = [dict(m) for m in plan.messages]
+        n_prompt = len(render_chat(self.tokenizer, messages, add_generation_prompt=True).input_ids)
+        max_new = plan.sampling.max_new_tokens
+        window = self.context_window()
+        if window is not None:
+            room = window - n_prompt
+            if room < 1 or (plan.explicit_max_tokens and max_new > room):
+                raise RequestError(
+                    f"this model's context is {window} tokens; the messages take {n_prompt} and "
+                    f"{max_new} more were asked for; shorten the conversation or max_tokens",
+                    param="messages",
+                    code="context_length_exceeded",
+                )
+            max_new = min(max_new, room)
+        return n_prompt, max_new
 
     # -- settings ---------------------------------------------------------------------------
     def _layers(self, spec: Any, param: str) -> tuple[int, ...]:
@@ -203,27 +283,14 @@ class CompassState:
         on_delta: Callable[[Delta], None] | None = None,
     ) -> Answer:
         """Check the prompt against the context length, then :func:`respond`."""
-        messages = [dict(m) for m in plan.messages]
-        n_prompt = len(render_chat(self.tokenizer, messages, add_generation_prompt=True).input_ids)
-        max_new = plan.sampling.max_new_tokens
-        window = context_length(self.model)
-        if window is not None:
-            room = window - n_prompt
-            if room < 1 or (plan.explicit_max_tokens and max_new > room):
-                raise RequestError(
-                    f"this model's context is {window} tokens; the messages take {n_prompt} and "
-                    f"{max_new} more were asked for; shorten the conversation or max_tokens",
-                    param="messages",
-                    code="context_length_exceeded",
-                )
-            max_new = min(max_new, room)
+        n_prompt, max_new = self.fit_prompt(plan)
         if on_start is not None:
             on_start(n_prompt)
         return respond(
             self.model,
             self.tokenizer,
             self.axis,
-            messages,
+            [dict(m) for m in plan.messages],
             mode=plan.mode,
             capping_config=plan.cap_config,
             rules=plan.rules,
@@ -272,6 +339,7 @@ class CompassState:
         return {
             "model": self.model_name,
             "monitor_layer": layer,
+            "engine": self.engine_name,
             "n_layers": self.axis.n_layers,
             "calibrated": cal is not None,
             "bands": bands,

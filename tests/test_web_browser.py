@@ -170,10 +170,13 @@ def chart_points(driver) -> list[dict]:
 
 def settled(n: int):
     def check(driver):
-        points = chart_points(driver)
-        chart = driver.find_element("id", "chart")
-        busy = driver.execute_script("return window.compassState.busy")
-        if len(points) == n and chart.get_attribute("data-live") == "false" and not busy:
+        # One script reads all three at once: separate reads can straddle the page's settle step.
+        points_json, live, busy = driver.execute_script(
+            "const c = document.getElementById('chart');"
+            "return [c.dataset.points, c.dataset.live, window.compassState.busy];"
+        )
+        points = json.loads(points_json)
+        if len(points) == n and live == "false" and not busy:
             return points
         return False
 

@@ -5,7 +5,7 @@ PIP    := $(PY) -m pip
 CLI    := $(VENV)/bin/persona-compass
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser demo test lint typecheck pytest bench bench-engine load clean
+.PHONY: install browser demo test lint typecheck pytest bench bench-engine bench-evaluate load clean
 
 install: $(STAMP)
 
@@ -43,10 +43,16 @@ test: lint typecheck pytest
 bench: install
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/engine_bench.py
+	$(PY) benchmarks/evaluate_bench.py
 
 # The vllm engine alone: compass on vs off inside vLLM, and the hf engine beside them.
 bench-engine: install
 	$(PY) benchmarks/engine_bench.py
+
+# evaluate on the shipped scenarios: --engine hf vs --engine vllm, wall time (about an hour
+# on 2 cores; `--turns 3` for the subset the README reports).
+bench-evaluate: install
+	$(PY) benchmarks/evaluate_bench.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

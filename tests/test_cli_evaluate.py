@@ -134,6 +134,15 @@ def test_evaluate_refuses_bad_conditions_and_flags(setup, tmp_path):
     assert nowin.exit_code == 2 and "--windows" in nowin.output
 
 
+def test_evaluate_refuses_a_bad_engine_and_vllm_flags_on_hf(setup, tmp_path):
+    bad = CliRunner().invoke(main, _args(setup, tmp_path / "a", "--engine", "tpu"))
+    assert bad.exit_code == 2
+    assert "Invalid value for '--engine'" in bad.output and "'hf', 'vllm'" in bad.output
+    eager = CliRunner().invoke(main, _args(setup, tmp_path / "b", "--eager"))
+    assert eager.exit_code == 2 and "only apply to --engine vllm" in eager.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_sweep_writes_the_recommended_capping_into_a_bundle_copy(setup, tmp_path):
     bundle = setup[0]
     before = (bundle / "capping.json").read_bytes()

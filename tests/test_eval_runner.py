@@ -278,6 +278,32 @@ def test_rerun_with_other_settings_is_refused_unless_forced(tiny_eval, tmp_path,
     assert json.loads((out / "settings.json").read_text())["max_new_tokens"] == 5
 
 
+def test_engine_is_recorded_and_hf_folders_from_before_it_resume(
+    tiny_eval, tmp_path, count_replies
+):
+    out = tmp_path / "ev"
+    _run(tiny_eval, out)
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["engine"] == "hf"
+    # a folder written before the engine choice existed has no "engine": it ran on hf, and
+    # its units (whose keys never hashed the engine) are reused as they are
+    del settings["engine"]
+    (out / "settings.json").write_text(json.dumps(settings))
+    again = _run(tiny_eval, out)
+    assert again.skipped == 4 and again.generated == 0 and len(count_replies) == 8
+    assert collect_results(out)["engine"] == "hf"
+
+
+def test_a_bad_engine_is_refused_before_loading(tiny_eval, tmp_path, count_replies):
+    with pytest.raises(EvaluationError, match=r"engine 'tpu' is not one of hf, vllm"):
+        _run(tiny_eval, tmp_path / "a", engine="tpu")
+    with pytest.raises(EvaluationError, match="is not an engine"):
+        _run(tiny_eval, tmp_path / "b", engine=object())
+    with pytest.raises(EvaluationError, match="engine_options apply to engine='vllm'"):
+        _run(tiny_eval, tmp_path / "c", engine_options={"enforce_eager": True})
+    assert count_replies == [] and not (tmp_path / "a").exists()
+
+
 def test_judge_change_rejudges_without_generating(tiny_eval, tmp_path, count_replies, monkeypatch):
     out = tmp_path / "ev"
     _run(tiny_eval, out)

@@ -123,6 +123,21 @@ def _print_summary(console: Console, results: dict[str, Any], written: dict[str,
 @click.option("--system-prompt", default=None, help="A system message for every conversation.")
 @click.option("--dtype", default=None, help="Model dtype, e.g. bfloat16 or float32.")
 @click.option(
+    "--engine",
+    type=click.Choice(["hf", "vllm"]),
+    default="hf",
+    show_default=True,
+    help="hf: the model in this process, one conversation at a time. vllm: every "
+    "conversation's next turn (and the capability items) in one vLLM batch, each with its "
+    "condition's settings (needs the vllm extra; `make install` has it).",
+)
+@click.option(
+    "--eager/--compile",
+    default=None,
+    help="vllm: skip torch.compile (starts in seconds instead of minutes, decodes slower) "
+    "[default: --compile].",
+)
+@click.option(
     "--capability/--no-capability",
     default=True,
     show_default=True,
@@ -174,6 +189,8 @@ def evaluate(
     seed: int,
     system_prompt: str | None,
     dtype: str | None,
+    engine: str,
+    eager: bool | None,
     capability: bool,
     capability_limit: int | None,
     capability_max_new_tokens: int,
@@ -245,6 +262,13 @@ def evaluate(
     else:
         conds = parse_conditions(conditions or ",".join(DEFAULT_CONDITIONS))
 
+    engine_options: dict[str, Any] | None = None
+    if eager is not None:
+        if engine != "vllm":
+            raise click.UsageError(
+                "--eager/--compile only apply to --engine vllm (the hf engine compiles nothing)"
+            )
+        engine_options = {"enforce_eager": eager}
     chosen, source = _select_scenarios(scenarios_spec, scenario_file)
     items = load_capability_items(capability_file) if capability_file else None
     command = " ".join(shlex.quote(a) for a in ["persona-compass", *sys.argv[1:]])
@@ -253,6 +277,8 @@ def evaluate(
         out_dir,
         model_spec=model_spec,
         dtype=dtype,
+        engine=engine,
+        engine_options=engine_options,
         scenarios=chosen,
         scenario_source=source,
         conditions=conds,

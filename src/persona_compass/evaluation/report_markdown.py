@@ -51,7 +51,7 @@ def render_markdown(results: Mapping[str, Any], charts: Mapping[str, str]) -> st
     lines += [
         "## What was run",
         "",
-        f"- **Model**: `{s['model']}` ({s['dtype']})",
+        f"- **Model**: `{s['model']}` ({s['dtype']}), engine `{results.get('engine', 'hf')}`",
         f"- **Bundle**: `{s['bundle']}` (monitor layer {s['monitor_layer']}, "
         + ("calibrated" if s.get("calibrated") else "no calibration")
         + (f", capping config `{s['bundle_capping']}`" if s.get("bundle_capping") else "")

@@ -226,6 +226,8 @@ def collect_results(out_dir: str | Path) -> dict[str, Any]:
     )
     results: dict[str, Any] = {
         "settings": settings,
+        # which engine generated the answers (folders from before the choice ran on hf)
+        "engine": settings.get("engine", "hf"),
         "n_planned": len(settings["scenarios"]) * len(conds),
         "n_runs": len(runs),
         "missing": missing,

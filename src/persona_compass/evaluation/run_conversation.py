@@ -127,7 +127,47 @@ def run_conversation_unit(
         if on_answer is not None:
             on_answer(scenario.id, condition.name, turn, seconds)
         tick(f"{label} turn {turn}")
-    outcomes = _judge_answers(judge, _outcome_items(scenario, session.messages, answers))
+    save_conversation_unit(
+        path=path,
+        key=key,
+        scenario=scenario,
+        condition=condition,
+        cap_cfg=cap_cfg,
+        spec=spec,
+        settings=settings,
+        judge=judge,
+        seed=seed,
+        messages=session.messages,
+        answers=answers,
+        readings=session.readings(),
+        records=records,
+        started=started,
+    )
+
+
+def save_conversation_unit(
+    *,
+    path: Path,
+    key: str,
+    scenario: Scenario,
+    condition: Condition,
+    cap_cfg: CappingConfig | None,
+    spec: str,
+    settings: dict[str, Any],
+    judge: Any,
+    seed: int,
+    messages: Sequence[dict[str, str]],
+    answers: Sequence[str],
+    readings: Sequence[dict[str, Any]],
+    records: list[dict[str, Any]],
+    started: float,
+) -> None:
+    """Judge a finished conversation's answers and write its run file (atomically).
+
+    Shared by both engines' drivers, so a run file has one layout whichever engine wrote it.
+    ``started`` is the unit's ``time.perf_counter()`` start (its seconds include judging).
+    """
+    outcomes = _judge_answers(judge, _outcome_items(scenario, messages, answers))
     for rec, outcome in zip(records, outcomes, strict=True):
         rec["outcome"] = outcome
     metadata = {
@@ -154,9 +194,7 @@ def run_conversation_unit(
             "seconds": round(time.perf_counter() - started, 3),
         },
     }
-    save_transcript(
-        path, session.messages, model=spec, readings=session.readings(), metadata=metadata
-    )
+    save_transcript(path, list(messages), model=spec, readings=list(readings), metadata=metadata)
 
 
 def rejudge_unit(path: Path, data: dict[str, Any], judge: Any) -> None:

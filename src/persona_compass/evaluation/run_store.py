@@ -30,6 +30,7 @@ CAPABILITY_FORMAT = "persona-compass-eval-capability/1"
 
 # Settings a rerun must share with the run it continues (what the stored units contain).
 RESUME_KEYS: tuple[str, ...] = (
+    "engine",
     "model",
     "model_fingerprint",
     "dtype",
@@ -50,6 +51,19 @@ RESUME_KEYS: tuple[str, ...] = (
 )
 # Of those, what generation depends on (a change of the judge alone only re-judges).
 GENERATION_KEYS: tuple[str, ...] = tuple(k for k in RESUME_KEYS if k != "judge")
+# Values of keys that folders written before the key existed lack: an evaluation made before
+# engines existed ran on hf.
+RESUME_DEFAULTS: dict[str, Any] = {"engine": "hf"}
+
+
+def generation_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """What the units' keys hash: the generation settings, without ``engine`` when it is the
+    default ``hf`` (so hf runs keep the digests they had before there was a choice)."""
+    return {
+        k: settings[k]
+        for k in GENERATION_KEYS
+        if not (k in RESUME_DEFAULTS and settings.get(k) == RESUME_DEFAULTS[k])
+    }
 
 
 class EvaluationError(PersonaCompassError):
@@ -179,9 +193,9 @@ def check_settings(
         return None
     previous = read_settings(out_dir)
     diffs = [
-        f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}"
+        f"{k}: {previous.get(k, RESUME_DEFAULTS.get(k))!r} -> {settings.get(k)!r}"
         for k in RESUME_KEYS
-        if previous.get(k) != settings.get(k)
+        if previous.get(k, RESUME_DEFAULTS.get(k)) != settings.get(k)
     ]
     if diffs and not force:
         raise EvaluationError(

@@ -23,6 +23,10 @@ Pairing: every scenario gets one seed (from ``seed`` and the scenario id) that a
 conditions share, and the compass seeds each answer with ``seed + turn``, so conditions are
 compared on the same sampling schedule (a scripted user also sends the same messages).
 
+Engines: ``hf`` plays one unit after another in this process; ``vllm`` plays a wave of units
+together, every conversation's turn t in one batch (:mod:`.run_batched`, started by
+:mod:`.run_engine`). Which engine ran is a generation setting.
+
 Code: :mod:`.run_store` keeps the settings, unit files and digests; :mod:`.run_conversation`
 plays and judges one conversation unit; :mod:`.run_capability` answers one capability unit.
 This module plans and drives them, and re-exports their public names.
@@ -55,8 +59,23 @@ from .conditions import (
     parse_conditions,
 )
 from .outcomes import make_outcome_judge
+from .run_batched import (
+    CapabilityUnit,
+    ConversationUnit,
+    run_capability_units,
+    run_conversation_wave,
+)
 from .run_capability import run_capability_unit
 from .run_conversation import rejudge_unit, run_conversation_unit, scenario_seed
+from .run_engine import (
+    MAX_BATCH,
+    EngineUserBackend,
+    VLLMModelInfo,
+    check_engine,
+    check_engine_layers,
+    start_vllm_engine,
+    vllm_model_info,
+)
 from .run_store import (
     CAPABILITY_DIR,
     CAPABILITY_FORMAT,
@@ -72,6 +91,7 @@ from .run_store import (
     capability_path,
     capping_digest,
     check_settings,
+    generation_settings,
     items_digest,
     json_digest,
     read_settings,
@@ -208,6 +228,8 @@ def run_evaluation(
     model: Any = None,
     tokenizer: Any = None,
     dtype: str | None = None,
+    engine: Any = "hf",
+    engine_options: dict[str, Any] | None = None,
     scenarios: Sequence[Scenario] | None = None,
     scenario_source: str | None = None,
     conditions: str | Sequence[str | Condition] = DEFAULT_CONDITIONS,
@@ -242,7 +264,14 @@ def run_evaluation(
         out_dir: the evaluation folder.
         model_spec: the model (default: the bundle's); or pass a loaded ``model`` and
             ``tokenizer`` (``model_spec`` then only labels it).
-        dtype: model dtype when loading.
+        dtype: model dtype when loading (the same for both engines).
+        engine: ``"hf"`` (default: the model in this process, one conversation at a time),
+            ``"vllm"`` (every conversation's next turn, and the capability items, in one vLLM
+            batch; the HF weights are never loaded), or an engine already started on this
+            bundle (:func:`persona_compass.engines.open_engine`). A generation setting: a
+            rerun with the other engine is refused unless ``force``.
+        engine_options: options for the ``vllm`` engine started here (``enforce_eager``,
+            ``max_num_seqs``, ``kv_cache_gib``, ...; see ``VLLMEngine``).
         scenarios: the scenarios (default: every shipped one); ``limit`` keeps the first N.
         scenario_source: how to name where they came from in the settings and the report.
         conditions: condition specs (see :mod:`.conditions`), a comma string or a list.
@@ -270,6 +299,16 @@ def run_evaluation(
     """
     started = time.perf_counter()
     out = Path(out_dir)
+    engine_name, engine_obj = check_engine(engine)
+    if engine_name == "hf" and engine_obj is not None and model is None:
+        model, tokenizer = engine_obj.model, engine_obj.tokenizer
+    if engine_name == "vllm" and model is not None:
+        raise EvaluationError(
+            "a loaded model was passed with engine='vllm', which loads its own; drop model= "
+            "(and pass model_spec=), or use engine='hf'"
+        )
+    if engine_name == "hf" and engine_options:
+        raise EvaluationError("engine_options apply to engine='vllm' only")
     conds = _resolve_conditions(conditions)
     for name, value in (("limit", limit), ("turns", turns), ("capability_limit", capability_limit)):
         if value is not None and (isinstance(value, bool) or value < 1):
@@ -308,7 +347,12 @@ def run_evaluation(
             )
 
     folder = resolve_bundle(axis_path)
-    if model is None:
+    vinfo: VLLMModelInfo | None = None
+    if engine_name == "vllm":
+        axis, spec, fingerprint, dtype_name, vinfo = _vllm_model(
+            folder, model_spec, dtype, engine_obj
+        )
+    elif model is None:
         from ..cli.common import load_axis_and_model
 
         axis, model, tokenizer, spec = load_axis_and_model(str(axis_path), model_spec, dtype)
@@ -321,6 +365,11 @@ def run_evaluation(
     bundle_cap = CappingConfig.load_optional(folder)
     caps = {c.name: check_condition(c, axis, bundle_cap) for c in conds}
     cap_digests = {name: capping_digest(cfg) for name, cfg in caps.items()}
+    if engine_obj is not None and engine_name == "vllm":
+        check_engine_layers(engine_obj, axis, conds, caps)
+    if engine_name == "hf":
+        fingerprint = model_fingerprint(model)
+        dtype_name = str(next(model.parameters()).dtype).replace("torch.", "")
 
     items: list[CapabilityItem] = []
     if capability:
@@ -332,9 +381,10 @@ def run_evaluation(
     settings: dict[str, Any] = {
         "format": SETTINGS_FORMAT,
         "library_version": __version__,
+        "engine": engine_name,
         "model": spec,
-        "model_fingerprint": model_fingerprint(model),
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "model_fingerprint": fingerprint,
+        "dtype": dtype_name,
         "bundle": str(folder),
         "axis_model_id": axis.model_id,
         "monitor_layer": axis.layer,
@@ -369,7 +419,7 @@ def run_evaluation(
         "sweep": sweep,
         "command": command,
     }
-    gen_settings = {k: settings[k] for k in GENERATION_KEYS}
+    gen_settings = generation_settings(settings)
     settings["settings_digest"] = json_digest(gen_settings)
     check_settings(out, settings, force=force)
     out.mkdir(parents=True, exist_ok=True)
@@ -377,7 +427,8 @@ def run_evaluation(
     write_json(out / SETTINGS_FILE, settings)
 
     result = EvaluationResult(out, settings)
-    backend = make_user_backend(user, model=model, tokenizer=tokenizer)
+    self_user = engine_name == "vllm" and _plays_itself(user)
+    backend = None if self_user else make_user_backend(user, model=model, tokenizer=tokenizer)
 
     # plan: scenario-major, so that interrupted runs leave complete pairs
     plan: list[tuple[Scenario, Condition, str, Path, dict[str, Any] | None]] = []
@@ -433,60 +484,155 @@ def run_evaluation(
     todo_answers = sum(n_turns_of(s) for s, _, _, _, e in plan if e is None)
     todo_items = len(items) * sum(1 for *_, e in cap_plan if e is None)
     bars = _Progress(progress)
+    started_engine: Any = None
     try:
-        with bars.live():
-            task = bars.add("answers", todo_answers) if todo_answers else None
-            for scen, cond, key, path, existing in plan:
-                if existing is not None:
-                    if existing["evaluation"].get("judge") == judge_obj.name:
-                        result.skipped += 1
-                        continue
-                    rejudge_unit(path, existing, judge_obj)
-                    result.rejudged += 1
-                    continue
-                run_conversation_unit(
-                    path=path,
-                    key=key,
-                    scenario=scen,
-                    condition=cond,
-                    cap_cfg=caps[cond.name],
-                    model=model,
-                    tokenizer=tokenizer,
-                    axis=axis,
-                    spec=spec,
-                    settings=settings,
-                    backend=backend,
-                    n_turns=n_turns_of(scen),
-                    rules=rules,
-                    policy=policy,
-                    judge=judge_obj,
-                    result=result,
-                    on_answer=on_answer,
-                    tick=lambda unit: bars.advance(task, 1, unit),
+        if engine_name == "vllm":
+            eng = engine_obj
+            pending = sum(1 for *_, e in plan if e is None)
+            if eng is None and (todo_answers or todo_items):
+                assert vinfo is not None
+                n_cap = sum(1 for *_, e in cap_plan if e is None)
+                eng = started_engine = start_vllm_engine(
+                    vinfo,
+                    folder,
+                    axis,
+                    conds,
+                    caps,
+                    batch=max(pending, len(items) * n_cap),
+                    options=engine_options,
                 )
-                result.generated += 1
-            cap_task = bars.add("capability", todo_items) if todo_items else None
-            for cond, key, path, existing in cap_plan:
-                if existing is not None:
-                    continue
-                run_capability_unit(
-                    path=path,
-                    key=key,
-                    condition=cond,
-                    cap_cfg=caps.get(cond.name),
-                    items=items,
-                    model=model,
-                    tokenizer=tokenizer,
-                    axis=axis,
+            if self_user and eng is not None:
+                backend = EngineUserBackend(eng, f"model:{spec}")
+        with bars.live():
+            if engine_name == "vllm":
+                task = bars.add("answers", todo_answers) if todo_answers else None
+                units: list[ConversationUnit] = []
+                for scen, cond, key, path, existing in plan:
+                    if existing is None:
+                        units.append(
+                            ConversationUnit(
+                                path, key, scen, cond, caps[cond.name], n_turns_of(scen)
+                            )
+                        )
+                    elif existing["evaluation"].get("judge") == judge_obj.name:
+                        result.skipped += 1
+                    else:
+                        rejudge_unit(path, existing, judge_obj)
+                        result.rejudged += 1
+                # waves of at most MAX_BATCH conversations: a killed run loses at most one wave
+                for first in range(0, len(units), MAX_BATCH):
+                    run_conversation_wave(
+                        units[first : first + MAX_BATCH],
+                        engine=eng,
+                        axis=axis,
+                        spec=spec,
+                        settings=settings,
+                        backend=backend,
+                        rules=rules,
+                        policy=policy,
+                        judge=judge_obj,
+                        result=result,
+                        on_answer=on_answer,
+                        tick=lambda unit: bars.advance(task, 1, unit),
+                    )
+                cap_task = bars.add("capability", todo_items) if todo_items else None
+                cap_units = [
+                    CapabilityUnit(path, key, cond, caps.get(cond.name))
+                    for cond, key, path, existing in cap_plan
+                    if existing is None
+                ]
+                run_capability_units(
+                    cap_units,
+                    items,
+                    engine=eng,
                     settings=settings,
-                    batch_size=capability_batch_size,
                     tick=lambda n, unit: bars.advance(cap_task, n, unit),
                 )
-                result.capability_done += 1
+                result.capability_done += len(cap_units)
+            else:
+                task = bars.add("answers", todo_answers) if todo_answers else None
+                for scen, cond, key, path, existing in plan:
+                    if existing is not None:
+                        if existing["evaluation"].get("judge") == judge_obj.name:
+                            result.skipped += 1
+                            continue
+                        rejudge_unit(path, existing, judge_obj)
+                        result.rejudged += 1
+                        continue
+                    run_conversation_unit(
+                        path=path,
+                        key=key,
+                        scenario=scen,
+                        condition=cond,
+                        cap_cfg=caps[cond.name],
+                        model=model,
+                        tokenizer=tokenizer,
+                        axis=axis,
+                        spec=spec,
+                        settings=settings,
+                        backend=backend,
+                        n_turns=n_turns_of(scen),
+                        rules=rules,
+                        policy=policy,
+                        judge=judge_obj,
+                        result=result,
+                        on_answer=on_answer,
+                        tick=lambda unit: bars.advance(task, 1, unit),
+                    )
+                    result.generated += 1
+                cap_task = bars.add("capability", todo_items) if todo_items else None
+                for cond, key, path, existing in cap_plan:
+                    if existing is not None:
+                        continue
+                    run_capability_unit(
+                        path=path,
+                        key=key,
+                        condition=cond,
+                        cap_cfg=caps.get(cond.name),
+                        items=items,
+                        model=model,
+                        tokenizer=tokenizer,
+                        axis=axis,
+                        settings=settings,
+                        batch_size=capability_batch_size,
+                        tick=lambda n, unit: bars.advance(cap_task, n, unit),
+                    )
+                    result.capability_done += 1
     finally:
-        for obj in (backend, judge_obj):
+        for obj in (backend, judge_obj, started_engine):
             close = getattr(obj, "close", None)
             if callable(close):
                 close()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _plays_itself(user: str) -> bool:
+    """Whether the user spec is ``model:self`` (the model under evaluation plays the user)."""
+    from ..specs import SELF
+
+    text = user.strip()
+    return text.lower().startswith("model:") and text.split(":", 1)[1].strip().lower() == SELF
+
+
+def _vllm_model(
+    folder: Path, model_spec: str | None, dtype: str | None, engine: Any
+) -> tuple[Axis, str, str, str, VLLMModelInfo | None]:
+    """The axis, model spec, config fingerprint and dtype of a vllm run (no weights loaded),
+    and what is needed to start the engine (None when one was passed in)."""
+    from transformers import AutoConfig
+
+    from ..cli.common import DEFAULT_MODEL
+
+    axis = Axis.load(folder)
+    spec = model_spec or axis.model_id or DEFAULT_MODEL
+    if engine is not None:
+        config = AutoConfig.from_pretrained(engine.folder)
+        dtype_name = str(engine.llm.llm_engine.model_config.dtype).replace("torch.", "")
+        info = None
+    else:
+        info = vllm_model_info(spec, dtype)
+        config = AutoConfig.from_pretrained(info.folder)
+        dtype_name = info.dtype
+    axis.check_model(config)
+    return axis, spec, model_fingerprint(config), dtype_name, info

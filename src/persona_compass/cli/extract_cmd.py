@@ -85,6 +85,26 @@ from .app import main
     help='Spread a large model over GPUs, e.g. "auto" (needs accelerate).',
 )
 @click.option(
+    "--engine",
+    type=click.Choice(["hf", "vllm"]),
+    default="hf",
+    show_default=True,
+    help="hf: the model's own generate in this process, one batch at a time. vllm: rollouts "
+    "stream through vLLM's continuous batches and their activations are summed inside the "
+    "engine in the same pass (needs the vllm extra; `make install` has it).",
+)
+@click.option(
+    "--eager/--compile",
+    default=None,
+    help="vllm: skip torch.compile (starts in seconds instead of minutes) [default: --eager].",
+)
+@click.option(
+    "--max-num-seqs",
+    type=int,
+    default=None,
+    help="vllm: rollouts generated at once [default: 64].",
+)
+@click.option(
     "--rejudge",
     is_flag=True,
     help="Re-score a finished run in --out with --judge (no regeneration) and rebuild its bundle.",
@@ -113,6 +133,9 @@ def extract(
     seed: int | None,
     dtype: str | None,
     device_map: str | None,
+    engine: str,
+    eager: bool | None,
+    max_num_seqs: int | None,
     rejudge: bool,
     dry_run: bool,
     as_json: bool,
@@ -133,6 +156,7 @@ def extract(
     from ..persona_space.extract import ExtractSettings, command_line, run_extraction
 
     console = Console(stderr=True)
+    engine_options = _engine_options(engine, eager, max_num_seqs, dtype, device_map, rejudge)
     settings = ExtractSettings.from_preset(
         model_spec,
         preset,
@@ -152,6 +176,7 @@ def extract(
         percentile=percentile,
         seed=seed,
         layers=layers,
+        engine=engine,
         command=command_line(),
     )
     if dry_run:  # plan without loading the model: the catalogue alone fixes the counts
@@ -162,6 +187,11 @@ def extract(
         plan["out"] = str(out_dir)
         click.echo(json.dumps(plan, indent=2))
         return
+    if engine == "vllm":  # fail before loading anything when vLLM cannot serve this model
+        from ..engines.vllm_engine import _import_vllm, model_folder
+
+        _import_vllm()
+        model_folder(model_spec)
     console.print(f"[bold]Loading {model_spec}[/]")
     model, tokenizer = load_model(model_spec, dtype=dtype, device_map=device_map)
 
@@ -187,6 +217,7 @@ def extract(
             model_id=model_id_of(model),
             model_name=model_display_name(model, tokenizer),
             on_plan=show_plan,
+            engine_options=engine_options,
         )
     meta = result.summary
     summary = {
@@ -211,6 +242,42 @@ def extract(
     else:
         for key, value in summary.items():
             console.print(f"{key:>28}: {value}")
+
+
+def _engine_options(
+    engine: str,
+    eager: bool | None,
+    max_num_seqs: int | None,
+    dtype: str | None,
+    device_map: str | None,
+    rejudge: bool,
+) -> dict[str, Any] | None:
+    """vLLM's options for ``--engine vllm``; options that do not apply are refused."""
+    if engine != "vllm":
+        if eager is not None or max_num_seqs is not None:
+            raise click.UsageError(
+                "--eager/--compile and --max-num-seqs only apply to --engine vllm"
+            )
+        return None
+    if rejudge:
+        raise click.UsageError(
+            "--rejudge generates nothing (it re-scores stored answers with the hf model): "
+            "drop --engine vllm"
+        )
+    if device_map is not None:
+        raise click.UsageError(
+            "--device-map places the hf model; vLLM places its own copy: drop --device-map "
+            "or use --engine hf"
+        )
+    if max_num_seqs is not None and max_num_seqs < 1:
+        raise click.UsageError(f"--max-num-seqs {max_num_seqs} must be at least 1")
+    options: dict[str, Any] = {
+        "enforce_eager": True if eager is None else eager,
+        "max_num_seqs": max_num_seqs or 64,
+    }
+    if dtype is not None:
+        options["dtype"] = dtype
+    return options
 
 
 def _dry_run_layers(model_spec: str, spec: str) -> dict[str, Any]:

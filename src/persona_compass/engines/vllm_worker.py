@@ -320,6 +320,9 @@ def register() -> None:
     """vLLM general plugin: make model runners install the compass when configured."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+    from .vllm_capture import register as register_capture
+
+    register_capture()  # the extraction's in-engine capture, when configured
     _wrap_load_model(GPUModelRunner)
     _wrap_model_forward(GPUModelRunner)
     try:

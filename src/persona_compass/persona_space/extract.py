@@ -27,7 +27,7 @@ import re
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -96,6 +96,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "samples_per_role": 10,
     },
 }
+
+# Where rollouts are generated: the model's own generate (hf) or vLLM (vllm_rollouts); both
+# capture the same tokens, so a run may be resumed with the other engine.
+ENGINES = ("hf", "vllm")
 
 # Settings a resumed run must share with the run it continues (the science, not the speed).
 RESUME_KEYS = (
@@ -198,6 +202,7 @@ class ExtractSettings:
     questions_path: str | None = None
     generator: str | None = None
     layers: str = "all"
+    engine: str = "hf"
     command: str = ""
 
     @classmethod
@@ -221,6 +226,13 @@ class ExtractSettings:
             )
         if not 0 < self.percentile < 100:
             raise PersonaCompassError(f"percentile={self.percentile} must be in (0, 100)")
+        if self.engine not in ENGINES:
+            raise PersonaCompassError(f"engine={self.engine!r} is unknown; use hf or vllm")
+        if self.engine == "vllm" and self.generator:
+            raise PersonaCompassError(
+                "--generator takes answers from a server, --engine vllm generates them in "
+                "vLLM: use one of the two"
+            )
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(
@@ -407,10 +419,14 @@ def run_extraction(
     progress: bool = True,
     on_plan: Callable[[dict[str, Any]], None] | None = None,
     dry_run: bool = False,
+    engine_options: dict[str, Any] | None = None,
 ) -> ExtractionResult:
     """Run (or resume) an extraction into ``out_dir`` and build its bundle in ``out_dir/bundle``.
 
     ``settings.layers`` is resolved against the model's blocks before anything is written.
+    With ``settings.engine == "vllm"`` the rollouts are generated in vLLM (started only when
+    there is something to generate, with ``engine_options`` such as ``dtype`` or
+    ``enforce_eager``); ``model`` still gives the fingerprint, the judge and the bundle.
     """
     catalogue, jobs, plan = plan_run(settings, model_name)
     n_layers = num_layers(model)
@@ -449,6 +465,18 @@ def run_extraction(
         url, remote_model = parse_generator_spec(settings.generator)
         generator = OpenAIGenerator(url, remote_model or model_id)
     sampling = settings.sampling()
+    rollouts = None
+    if settings.engine == "vllm" and todo:
+        from .vllm_rollouts import VLLMRollouts
+
+        rollouts = VLLMRollouts(
+            settings.model,
+            tokenizer,
+            eos_ids(model, tokenizer),
+            layers=layers,
+            n_layers=n_layers,
+            **(engine_options or {}),
+        )
     # Time spent in earlier sessions of a resumed run counts too; a rerun that generates
     # nothing keeps the recorded total.
     earlier_seconds = store.generation_seconds()
@@ -461,17 +489,14 @@ def run_extraction(
         disable=not progress,
         dynamic_ncols=True,
     )
-    for start in range(0, len(todo), settings.batch_size):
-        batch = todo[start : start + settings.batch_size]
-        seed = int(hashlib.sha256(f"{settings.seed}/{batch[0].id}".encode()).hexdigest()[:8], 16)
-        if generator is None:
-            texts, n_tokens, means, counts = generate_with_capture(
-                model, tokenizer, batch, sampling, seed, layers=layers
-            )
-        else:
-            texts, n_tokens, means, counts = generate_external(
-                model, tokenizer, generator, batch, sampling, layers=layers
-            )
+    batches: Iterator[tuple[Sequence[Job], Any]]
+    if rollouts is not None:
+        batches = _closing(
+            rollouts, rollouts.batches(todo, sampling, settings.seed, settings.batch_size)
+        )
+    else:
+        batches = _local_batches(model, tokenizer, generator, todo, settings, layers)
+    for batch, (texts, n_tokens, means, counts) in batches:
         to_judge = [i for i, job in enumerate(batch) if job.role != DEFAULT_ROLE]
         scores: list[int | None] = [None] * len(batch)  # default rollouts all count, unjudged
         if to_judge:
@@ -511,6 +536,39 @@ def run_extraction(
         len(todo),
         json.loads((bundle / "bundle.json").read_text())["metadata"],
     )
+
+
+def _closing(engine: Any, batches: Iterator[Any]) -> Iterator[Any]:
+    """``batches``, then the engine shut down (its memory is free for building the bundle)."""
+    try:
+        yield from batches
+    finally:
+        engine.close()
+
+
+def _local_batches(
+    model: nn.Module,
+    tokenizer: Any,
+    generator: Any,
+    todo: Sequence[Job],
+    settings: ExtractSettings,
+    layers: Sequence[int],
+) -> Iterator[tuple[Sequence[Job], tuple[list[str], list[int], torch.Tensor, torch.Tensor]]]:
+    """The hf engine's batches: the model's own generate (or an external generator)."""
+    sampling = settings.sampling()
+    for start in range(0, len(todo), settings.batch_size):
+        batch = todo[start : start + settings.batch_size]
+        seed = int(hashlib.sha256(f"{settings.seed}/{batch[0].id}".encode()).hexdigest()[:8], 16)
+        if generator is None:
+            yield (
+                batch,
+                generate_with_capture(model, tokenizer, batch, sampling, seed, layers=layers),
+            )
+        else:
+            yield (
+                batch,
+                generate_external(model, tokenizer, generator, batch, sampling, layers=layers),
+            )
 
 
 def _check_rows(state: RoleState, n_recorded: int, store: ExtractionStore) -> RoleState:

@@ -15,6 +15,10 @@ itself (no new requests after ``--duration`` seconds; whatever is still in fligh
         --clients 8 --duration 30 --rounds 2
     # or compare two running servers
     python benchmarks/load.py --compare --url http://127.0.0.1:8000 --url-b http://127.0.0.1:8001
+    # the engines side by side: hf, the vllm engine with the compass (cap on and off), and
+    # vLLM's own OpenAI server without any compass; phases in the order A B C D D C B A ...
+    python benchmarks/load.py --spawn --variants hf:on,vllm:on,vllm:off,vllm-plain \
+        --model smollm2-135m --axis smollm2-135m --dtype bfloat16 --clients 8 --duration 60
 
 Every request streams (``stream: true`` with ``include_usage``) and is checked: a role chunk
 first, a final chunk with a finish reason and the ``persona_compass`` telemetry, usage, and
@@ -22,7 +26,8 @@ first, a final chunk with a finish reason and the ``persona_compass`` telemetry,
 p50/p95 time to first token (queue wait included), p50/p95 per-token latency (first to last
 content chunk over the tokens between), tokens/s (completion tokens / phase wall time),
 requests sent, completed, errored and lost (sent - completed - errored). Results go to a JSON
-file written atomically (``--out``).
+file written atomically (``--out``). ``vllm-plain`` (vLLM's own server) sends no telemetry, so
+its streams are checked without it.
 """
 
 from __future__ import annotations
@@ -97,7 +102,12 @@ class Outcome:
 
 
 async def stream_once(
-    client: httpx.AsyncClient, url: str, payload: dict[str, Any], headers: dict[str, str]
+    client: httpx.AsyncClient,
+    url: str,
+    payload: dict[str, Any],
+    headers: dict[str, str],
+    *,
+    telemetry_expected: bool = True,
 ) -> Outcome:
     """Send one streaming completion and check the stream from role chunk to [DONE]."""
     start = time.perf_counter()
@@ -141,7 +151,7 @@ async def stream_once(
         for name, present in (
             ("role chunk", saw_role),
             ("finish_reason", finish is not None),
-            ("persona_compass telemetry", telemetry),
+            ("persona_compass telemetry", telemetry or not telemetry_expected),
             ("usage", usage is not None),
             ("[DONE]", done),
         )
@@ -221,9 +231,11 @@ def auth_headers(args: argparse.Namespace) -> dict[str, str]:
     return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
 
 
-def request_body(client_id: int, n: int, args: argparse.Namespace) -> dict[str, Any]:
+def request_body(
+    client_id: int, n: int, args: argparse.Namespace, model: str = "persona-compass"
+) -> dict[str, Any]:
     return {
-        "model": "persona-compass",
+        "model": model,
         "messages": [{"role": "user", "content": PROMPTS[(client_id + n) % len(PROMPTS)]}],
         "max_tokens": args.max_tokens,
         "seed": 1000 * client_id + n,
@@ -232,8 +244,19 @@ def request_body(client_id: int, n: int, args: argparse.Namespace) -> dict[str, 
     }
 
 
-async def run_phase(label: str, url: str, args: argparse.Namespace) -> Phase:
+@dataclass
+class Target:
+    """A server to load: its URL, the model name its requests carry, whether it reports
+    telemetry (vLLM's own server does not)."""
+
+    url: str
+    model: str = "persona-compass"
+    telemetry: bool = True
+
+
+async def run_phase(label: str, target: Target, args: argparse.Namespace) -> Phase:
     """``args.clients`` clients send streaming requests back to back for ``args.duration`` s."""
+    url = target.url
     phase = Phase(label, url, args.clients, args.duration)
     headers = auth_headers(args)
     limits = httpx.Limits(max_connections=args.clients + 2, max_keepalive_connections=args.clients)
@@ -246,7 +269,13 @@ async def run_phase(label: str, url: str, args: argparse.Namespace) -> Phase:
         while time.perf_counter() < deadline:
             phase.sent += 1
             try:
-                outcome = await stream_once(client, url, request_body(cid, n, args), headers)
+                outcome = await stream_once(
+                    client,
+                    url,
+                    request_body(cid, n, args, target.model),
+                    headers,
+                    telemetry_expected=target.telemetry,
+                )
             except (httpx.HTTPError, json.JSONDecodeError, KeyError, ValueError) as exc:
                 outcome = Outcome(False, f"{type(exc).__name__}: {exc}")
             n += 1
@@ -275,16 +304,22 @@ async def run_phase(label: str, url: str, args: argparse.Namespace) -> Phase:
     return phase
 
 
-async def warm_up(url: str, args: argparse.Namespace) -> None:
-    """One short request, not measured (first generations pay one-time costs)."""
-    async with httpx.AsyncClient(timeout=120) as client:
-        body = request_body(0, 0, args) | {"max_tokens": min(8, args.max_tokens)}
-        outcome = await stream_once(client, url, body, auth_headers(args))
-        if not outcome.ok:
-            raise LoadError(f"the warm-up request to {url} failed: {outcome.error}")
+async def warm_up(target: Target, args: argparse.Namespace) -> None:
+    """A few short requests, not measured (first generations pay one-time costs)."""
+    async with httpx.AsyncClient(timeout=300) as client:
+        body = request_body(0, 0, args, target.model) | {"max_tokens": min(8, args.max_tokens)}
+        for _ in range(2):
+            outcome = await stream_once(
+                client, target.url, body, auth_headers(args), telemetry_expected=target.telemetry
+            )
+            if not outcome.ok:
+                raise LoadError(f"the warm-up request to {target.url} failed: {outcome.error}")
 
 
-def server_info(url: str, args: argparse.Namespace) -> dict[str, Any]:
+def server_info(target: Target, args: argparse.Namespace) -> dict[str, Any]:
+    url = target.url
+    if not target.telemetry:
+        return {"server": "vllm (its own OpenAI server, no compass)", "model": target.model}
     try:
         r = httpx.get(url + "/v1/compass", headers=auth_headers(args), timeout=10)
         return r.json() if r.status_code == 200 else {"status": r.status_code}
@@ -299,42 +334,98 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class SpawnedServer:
-    """``persona-compass serve`` in a subprocess on a free loopback port."""
+VARIANTS = ("hf:off", "hf:on", "hf:adaptive", "vllm:off", "vllm:on", "vllm:adaptive", "vllm-plain")
 
-    def __init__(self, args: argparse.Namespace, cap: str, log_dir: Path) -> None:
+
+def parse_variants(text: str) -> list[str]:
+    """``hf:on,vllm:on,vllm-plain`` -> checked names (engine:cap, or vLLM's own server)."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in names if v not in VARIANTS]
+    if bad or not names:
+        raise LoadError(f"--variants {text!r}: each must be one of {', '.join(VARIANTS)}")
+    if len(set(names)) != len(names):
+        raise LoadError(f"--variants {text!r} names a variant twice")
+    return names
+
+
+def phase_order(names: list[str], rounds: int) -> list[str]:
+    """A B C, C B A, A B C, ...: each variant's mean position is the same, so a machine
+    that drifts (warms, throttles, another job starts) drifts against all of them alike."""
+    order: list[str] = []
+    for r in range(rounds):
+        order += names if r % 2 == 0 else names[::-1]
+    return order
+
+
+class SpawnedServer:
+    """``persona-compass serve`` (or vLLM's own server) in a subprocess on a loopback port."""
+
+    def __init__(self, args: argparse.Namespace, variant: str, log_dir: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.variant = variant
+        engine, _, cap = variant.partition(":")
         self.cap = cap
-        cmd = [
-            sys.executable,
-            "-m",
-            "persona_compass.cli",
-            "serve",
-            "--axis",
-            args.axis,
-            "--cap",
-            cap,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--queue",
-            str(max(16, args.clients)),
-            "--max-tokens",
-            str(max(args.max_tokens, 8)),
-            "--log-level",
-            "warning",
-        ]
-        if args.model:
-            cmd += ["--model", args.model]
-        if args.dtype:
-            cmd += ["--dtype", args.dtype]
         env = dict(os.environ)
         env.pop("PERSONA_COMPASS_API_KEY", None)
-        if args.api_key:
-            env["PERSONA_COMPASS_API_KEY"] = args.api_key  # not on the command line
-        self.log_path = log_dir / f"server-{cap}-{self.port}.log"
+        self.target = Target(self.url)
+        if engine == "vllm-plain":
+            folder = vllm_model_folder(args)
+            self.target = Target(self.url, model=folder, telemetry=False)
+            cmd = [
+                sys.executable,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--model",
+                folder,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--max-num-seqs",
+                str(args.clients),
+                "--max-model-len",
+                "2048",
+                "--seed",
+                "0",
+                "--no-enable-log-requests",
+                "--uvicorn-log-level",
+                "warning",
+            ]
+            if args.dtype:
+                cmd += ["--dtype", args.dtype]
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        else:
+            cmd = [
+                sys.executable,
+                "-m",
+                "persona_compass.cli",
+                "serve",
+                "--axis",
+                args.axis,
+                "--cap",
+                cap,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--queue",
+                str(max(16, args.clients)),
+                "--max-tokens",
+                str(max(args.max_tokens, 8)),
+                "--log-level",
+                "warning",
+            ]
+            if engine == "vllm":
+                cmd += ["--engine", "vllm", "--max-concurrency", str(args.clients)]
+            if args.model:
+                cmd += ["--model", args.model]
+            if args.dtype:
+                cmd += ["--dtype", args.dtype]
+            if args.api_key:
+                env["PERSONA_COMPASS_API_KEY"] = args.api_key  # not on the command line
+        name = variant.replace(":", "-")
+        self.log_path = log_dir / f"server-{name}-{self.port}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -352,7 +443,7 @@ class SpawnedServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise LoadError(
-                    f"the server (--cap {self.cap}) exited with {self.proc.returncode}:\n"
+                    f"the server ({self.variant}) exited with {self.proc.returncode}:\n"
                     + self.log_tail()
                 )
             try:
@@ -361,7 +452,7 @@ class SpawnedServer:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        raise LoadError(f"the server did not answer /health within {timeout:g} s")
+        raise LoadError(f"the server ({self.variant}) did not answer /health within {timeout:g} s")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -421,43 +512,80 @@ def print_table(configs: dict[str, dict[str, Any]]) -> None:
         )
 
 
+def vllm_model_folder(args: argparse.Namespace) -> str:
+    """The Hugging Face folder vLLM's own server loads for --model (default: the bundle's)."""
+    from persona_compass.axis import Axis
+    from persona_compass.bundles import resolve_bundle
+    from persona_compass.engines.vllm_engine import model_folder
+
+    spec = args.model or Axis.load(resolve_bundle(args.axis)).model_id or "smollm2-135m"
+    return model_folder(spec)
+
+
+def ratios(configs: dict[str, dict[str, Any]], phases: dict[str, list[Phase]]) -> dict:
+    """tokens/s of every variant over every other: ratio of medians, and the median of the
+    per-round ratios (round r of A against round r of B)."""
+    out: dict[str, Any] = {}
+    for a in configs:
+        for b in configs:
+            if a == b:
+                continue
+            ma, mb = configs[a]["median"]["tokens_per_s"], configs[b]["median"]["tokens_per_s"]
+            paired = [
+                pa.tokens / pa.wall_s / (pb.tokens / pb.wall_s)
+                for pa, pb in zip(phases[a], phases[b], strict=True)
+                if pa.wall_s and pb.wall_s and pb.tokens
+            ]
+            out[f"{a} / {b}"] = {
+                "ratio_of_medians": (ma / mb) if ma and mb else None,
+                "paired": paired,
+                "paired_median": statistics.median(paired) if paired else None,
+            }
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the load as configured; return the results (also written to ``args.out``)."""
     servers: list[SpawnedServer] = []
     try:
         if args.spawn:
             log_dir = Path(tempfile.mkdtemp(prefix="pc-load-"))
-            caps = [args.cap, args.cap_b] if args.compare else [args.cap]
-            servers = [SpawnedServer(args, cap, log_dir) for cap in caps]
+            if args.variants:
+                variants = parse_variants(args.variants)
+                names = variants
+            else:
+                caps = [args.cap, args.cap_b] if args.compare else [args.cap]
+                variants = [f"hf:{cap}" for cap in caps]
+                names = [f"cap {cap}" for cap in caps]
+            servers = [SpawnedServer(args, v, log_dir) for v in variants]
             for server in servers:
                 server.wait_ready(args.startup_timeout)
-            urls = [s.url for s in servers]
-            names = [f"cap {cap}" for cap in caps]
+            targets = [s.target for s in servers]
         else:
-            urls = [check_loopback(args.url)]
+            targets = [Target(check_loopback(args.url))]
             if args.compare:
-                urls.append(check_loopback(args.url_b))
-            names = ["A", "B"][: len(urls)]
-        infos = [server_info(url, args) for url in urls]
+                targets.append(Target(check_loopback(args.url_b)))
+            names = ["A", "B"][: len(targets)]
+        infos = [server_info(t, args) for t in targets]
         if not args.spawn:
             names = [
                 f"{n}: cap {i.get('cap_mode', '?')}" for n, i in zip(names, infos, strict=True)
             ]
-        for url in urls:
-            asyncio.run(warm_up(url, args))
-        rounds = args.rounds if args.compare else 1
+        for target in targets:
+            asyncio.run(warm_up(target, args))
+        rounds = args.rounds if (args.compare or args.variants) else 1
+        by_name = dict(zip(names, targets, strict=True))
         phases: dict[str, list[Phase]] = {name: [] for name in names}
-        for r in range(rounds):
-            for name, url in zip(names, urls, strict=True):  # A, B, A, B, ...
-                phase = asyncio.run(run_phase(f"{name} #{r + 1}", url, args))
-                phases[name].append(phase)
-                s = phase.summary()
-                print(
-                    f"  {phase.label}: {fmt(s['tokens_per_s'])} tok/s, "
-                    f"{phase.completed}/{phase.sent} done, {phase.errors} errors, "
-                    f"{phase.lost} lost",
-                    flush=True,
-                )
+        for name in phase_order(names, rounds):
+            phase = asyncio.run(run_phase(f"{name} #{len(phases[name]) + 1}", by_name[name], args))
+            phases[name].append(phase)
+            s = phase.summary()
+            print(
+                f"  {phase.label}: {fmt(s['tokens_per_s'])} tok/s, "
+                f"{phase.completed}/{phase.sent} done, {phase.errors} errors, "
+                f"{phase.lost} lost",
+                flush=True,
+            )
         configs = {name: aggregate(ph) for name, ph in phases.items()}
         result: dict[str, Any] = {
             "kind": "persona-compass-load",
@@ -467,8 +595,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "duration_s": args.duration,
                 "grace_s": args.grace,
                 "rounds": rounds,
+                "order": phase_order(names, rounds),
                 "max_tokens": args.max_tokens,
                 "spawn": args.spawn,
+                "variants": args.variants,
                 "model": args.model,
                 "axis": args.axis,
                 "dtype": args.dtype,
@@ -484,19 +614,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "phases": {name: [p.summary() for p in ph] for name, ph in phases.items()},
         }
         if len(names) == 2:
-            a, b = (configs[n]["median"]["tokens_per_s"] for n in names)
-            paired = [
-                pa.tokens / pa.wall_s / (pb.tokens / pb.wall_s)
-                for pa, pb in zip(phases[names[0]], phases[names[1]], strict=True)
-                if pa.wall_s and pb.wall_s and pb.tokens
-            ]
+            pair = ratios(configs, phases)[f"{names[0]} / {names[1]}"]
             result["comparison"] = {
                 "a": names[0],
                 "b": names[1],
-                "tokens_per_s_ratio_of_medians": (a / b) if a and b else None,
-                "tokens_per_s_paired_ratios": paired,
-                "tokens_per_s_paired_median": statistics.median(paired) if paired else None,
+                "tokens_per_s_ratio_of_medians": pair["ratio_of_medians"],
+                "tokens_per_s_paired_ratios": pair["paired"],
+                "tokens_per_s_paired_median": pair["paired_median"],
             }
+        elif len(names) > 2:
+            result["ratios"] = ratios(configs, phases)
         return result
     finally:
         for server in servers:
@@ -516,6 +643,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--axis", default=None, help="--spawn: axis bundle folder or alias.")
     p.add_argument("--cap", default="on", choices=["off", "on", "adaptive"], help="A's cap mode.")
     p.add_argument("--cap-b", default="off", choices=["off", "on", "adaptive"], help="B's cap.")
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="--spawn: comma list of servers to compare, each hf:CAP, vllm:CAP (CAP: off, on, "
+        "adaptive) or vllm-plain (vLLM's own OpenAI server, no compass); phases run "
+        "A B C, C B A, ... for --rounds rounds.",
+    )
     p.add_argument("--dtype", default=None, help="--spawn: model dtype.")
     p.add_argument("--api-key", default=os.environ.get("PERSONA_COMPASS_API_KEY"))
     p.add_argument("--clients", type=int, default=8, help="Concurrent streaming clients.")
@@ -531,7 +665,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error("--spawn starts its own servers; leave out --url/--url-b")
         if not args.axis:
             p.error("--spawn needs --axis (and optionally --model)")
+        if args.variants and args.compare:
+            p.error("--variants compares its servers already; leave out --compare")
     else:
+        if args.variants:
+            p.error("--variants needs --spawn (it starts the servers)")
         if not args.url:
             p.error("give --url of a running server, or --spawn with --axis/--model")
         if args.compare and not args.url_b:
@@ -543,7 +681,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 1 <= args.rounds <= 20 or not 1 <= args.max_tokens <= 4096:
         p.error("--rounds must be in 1..20 and --max-tokens in 1..4096")
     if args.out is None:
-        args.out = HERE / "results" / ("load-compare.json" if args.compare else "load.json")
+        name = "load-engines" if args.variants else "load-compare" if args.compare else "load"
+        args.out = HERE / "results" / f"{name}.json"
     return args
 
 
@@ -569,6 +708,11 @@ def main(argv: list[str] | None = None) -> int:
             f"\ntokens/s {comparison['a']} / {comparison['b']}: "
             f"{comparison['tokens_per_s_ratio_of_medians']:.3f} (ratio of medians), "
             f"{fmt(comparison['tokens_per_s_paired_median'], 1, 3)} (median of paired phases)"
+        )
+    for pair, r in (result.get("ratios") or {}).items():
+        print(
+            f"tokens/s {pair}: {fmt(r['ratio_of_medians'], 1, 3)} (ratio of medians), "
+            f"{fmt(r['paired_median'], 1, 3)} (median of paired rounds)"
         )
     print(f"\nresults written to {args.out}")
     bad = sum(c["errors"] + c["lost"] for c in result["configs"].values())

@@ -119,3 +119,21 @@ def test_spawn_starts_and_stops_its_own_server(load, tiny, tmp_path):
     result = json.loads(out.read_text())
     check_config(result["configs"]["cap on"])
     assert result["servers"]["cap on"]["cap_mode"] == "on"
+
+
+def test_variants_are_checked_and_phases_run_forward_then_back(load):
+    assert load.parse_variants("hf:on, vllm:on,vllm-plain") == ["hf:on", "vllm:on", "vllm-plain"]
+    for bad in ("hf:sideways", "tgi:on", "", "hf:on,hf:on"):
+        with pytest.raises(load.LoadError, match="--variants"):
+            load.parse_variants(bad)
+    assert load.phase_order(["a", "b", "c"], 3) == list("abccbaabc")
+    # each variant's mean position is the same after an even number of rounds
+    order = load.phase_order(["a", "b", "c"], 2)
+    mean = {v: sum(i for i, x in enumerate(order) if x == v) / 2 for v in "abc"}
+    assert len(set(mean.values())) == 1
+
+
+def test_variants_need_spawn(load, capsys):
+    with pytest.raises(SystemExit):
+        load.parse_args(["--url", "http://127.0.0.1:1", "--variants", "hf:on"])
+    assert "--variants needs --spawn" in capsys.readouterr().err

@@ -35,6 +35,7 @@ from .vllm_worker import CONFIG_KEY
 
 VLLM_VERSION = "0.32.0"
 WORKER_EXTENSION = "persona_compass.engines.vllm_worker.CompassWorkerExtension"
+CPU_STEP_TOKENS = 4096  # vLLM's own per-step token budget for vllm.LLM on CPUs
 
 
 def _import_vllm() -> Any:
@@ -154,6 +155,17 @@ class VLLMEngine:
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))
         options: dict[str, Any] = {"max_model_len": 2048, "seed": 0, **vllm_options}
+        if not torch.cuda.is_available() and not {
+            "enable_chunked_prefill",
+            "max_num_batched_tokens",
+        } & set(options):
+            # vLLM 0.32 rewinds a seeded request's generator after a partial (chunked) prefill,
+            # which a CPU generator cannot do ("CPU Generator does not use offset"): on CPUs,
+            # unless the caller chose how to chunk, every prompt is prefilled whole.
+            options["enable_chunked_prefill"] = False
+            options["max_num_batched_tokens"] = max(
+                CPU_STEP_TOKENS, int(options["max_model_len"]), int(options.get("max_num_seqs", 0))
+            )
         if compass:
             options["additional_config"] = {
                 CONFIG_KEY: {

@@ -392,7 +392,13 @@ def create_app_from_specs(
             from .vllm_state import VLLMCompassState
 
             spec = model_spec or Axis.load(bundle).model_id or DEFAULT_MODEL
-            options = {"max_num_seqs": config.max_concurrency, **(engine_options or {})}
+            # vLLM's engine core in its own process: the model computes while this process
+            # streams and serves HTTP (in one process they would take turns on the GIL).
+            options = {
+                "max_num_seqs": config.max_concurrency,
+                "multiprocessing": True,
+                **(engine_options or {}),
+            }
             started = VLLMEngine(spec, bundle, dtype=dtype or "auto", **options)
             cfg = config if config.model_name else replace(config, model_name=spec)
             return VLLMCompassState(started, cfg)

@@ -5,7 +5,7 @@ PIP    := $(PY) -m pip
 CLI    := $(VENV)/bin/persona-compass
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser demo test lint typecheck pytest bench bench-engine bench-evaluate load clean
+.PHONY: install browser demo test lint typecheck pytest bench bench-engine bench-extract bench-load bench-evaluate clean
 
 install: $(STAMP)
 
@@ -40,14 +40,27 @@ pytest: install browser
 
 test: lint typecheck pytest
 
+# Everything but bench-evaluate (most of an hour on 2 cores): about 40 minutes.
 bench: install
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/engine_bench.py
-	$(PY) benchmarks/evaluate_bench.py
+	$(PY) benchmarks/extract_engines_bench.py
+	$(MAKE) bench-load
 
 # The vllm engine alone: compass on vs off inside vLLM, and the hf engine beside them.
 bench-engine: install
 	$(PY) benchmarks/engine_bench.py
+
+# extract's rollouts/s: --engine hf vs --engine vllm, A/B/A rounds.
+bench-extract: install
+	$(PY) benchmarks/extract_engines_bench.py
+
+# serve under load: 8 streaming clients for 60 s against the hf engine, the vllm engine with the
+# compass on and off, and plain vLLM, in one palindromic run (about 20 minutes).
+bench-load: install
+	$(PY) benchmarks/load.py --spawn --variants hf:on,vllm:on,vllm:off,vllm-plain \
+	  --model smollm2-135m --axis smollm2-135m --dtype bfloat16 --clients 8 --duration 60 \
+	  --rounds 2 --grace 120 --startup-timeout 600
 
 # evaluate on the shipped scenarios: --engine hf vs --engine vllm, wall time (about an hour
 # on 2 cores; `--turns 3` for the subset the README reports).

@@ -238,6 +238,10 @@ def request_body(
         "model": model,
         "messages": [{"role": "user", "content": PROMPTS[(client_id + n) % len(PROMPTS)]}],
         "max_tokens": args.max_tokens,
+        # explicit, so every server samples alike (the compass and vLLM default differently)
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
         "seed": 1000 * client_id + n,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -597,6 +601,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "rounds": rounds,
                 "order": phase_order(names, rounds),
                 "max_tokens": args.max_tokens,
+                "sampling": {
+                    "temperature": args.temperature,
+                    "top_p": args.top_p,
+                    "repetition_penalty": args.repetition_penalty,
+                },
                 "spawn": args.spawn,
                 "variants": args.variants,
                 "model": args.model,
@@ -657,6 +666,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="--compare: phases per configuration.")
     p.add_argument("--grace", type=float, default=60.0, help="Seconds to finish in-flight work.")
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request.")
+    p.add_argument(
+        "--temperature", type=float, default=0.7, help="Sampling temperature of each request."
+    )
+    p.add_argument("--top-p", type=float, default=0.9, help="top_p of each request.")
+    p.add_argument(
+        "--repetition-penalty", type=float, default=1.1, help="repetition_penalty of each request."
+    )
     p.add_argument("--startup-timeout", type=float, default=300.0, help="--spawn: /health wait.")
     p.add_argument("--out", type=Path, default=None, help="JSON results (default: results/).")
     args = p.parse_args(argv)
@@ -680,6 +696,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--duration must be in (0, 3600] and --grace in [0, 600] seconds")
     if not 1 <= args.rounds <= 20 or not 1 <= args.max_tokens <= 4096:
         p.error("--rounds must be in 1..20 and --max-tokens in 1..4096")
+    if not 0 <= args.temperature <= 2 or not 0 < args.top_p <= 1:
+        p.error("--temperature must be in [0, 2] and --top-p in (0, 1]")
+    if not 0 < args.repetition_penalty <= 10:
+        p.error("--repetition-penalty must be in (0, 10]")
     if args.out is None:
         name = "load-engines" if args.variants else "load-compare" if args.compare else "load"
         args.out = HERE / "results" / f"{name}.json"

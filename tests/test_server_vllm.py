@@ -18,7 +18,11 @@ httpx = pytest.importorskip("httpx")
 from persona_compass import SamplingConfig, load_model  # noqa: E402
 from persona_compass.engines import CompassRequest, HFEngine  # noqa: E402
 from persona_compass.engines.vllm_engine import VLLMEngine  # noqa: E402
-from persona_compass.engines.vllm_stream import EngineBusy, StreamLoop  # noqa: E402
+from persona_compass.engines.vllm_stream import (  # noqa: E402
+    PEEK_INTERVAL,
+    EngineBusy,
+    StreamLoop,
+)
 from persona_compass.errors import ModelNotInstalledError  # noqa: E402
 from persona_compass.server.app import (  # noqa: E402
     BackgroundServer,
@@ -119,7 +123,15 @@ def test_answers_and_telemetry_equal_the_hf_engine(server, hf, mode):
         assert got["projection"] == pytest.approx(ref.projection, rel=1e-3)
 
 
-def test_streaming_chunks_carry_running_values_and_add_up(server):
+@pytest.fixture
+def peek_every_step(server):
+    loop = server.app.state.compass.loop
+    loop.peek_interval = 0.0
+    yield
+    loop.peek_interval = PEEK_INTERVAL
+
+
+def test_streaming_chunks_carry_running_values_and_add_up(server, peek_every_step):
     plain = chat(server, SPIRIT).json()
     events = stream(server, SPIRIT)
     assert events[-1] == "[DONE]" and events[0]["choices"][0]["delta"]["role"] == "assistant"
@@ -133,6 +145,23 @@ def test_streaming_chunks_carry_running_values_and_add_up(server):
     final = next(e for e in events if e.get("choices") and e["choices"][0]["finish_reason"])
     assert final["persona_compass"]["turn"] == plain["persona_compass"]["turn"]
     assert events[-2]["usage"] == plain["usage"]
+
+
+def test_running_values_are_fetched_every_peek_interval(server):
+    loop = server.app.state.compass.loop
+    assert loop.peek_interval == PEEK_INTERVAL > 0
+    started = time.perf_counter()
+    events = stream(server, SPIRIT, max_tokens=48)
+    seconds = time.perf_counter() - started
+    content = [e for e in events[1:-1] if e.get("choices") and e["choices"][0]["delta"]]
+    running = [e["persona_compass"]["projection"] for e in content]
+    read = [v is not None for v in running]
+    # None until the first fetch that finds readings, a value on every chunk after it
+    assert read == sorted(read)
+    if seconds > 3 * PEEK_INTERVAL:
+        assert any(read)
+    # a value changes only at a fetch: far fewer distinct values than chunks
+    assert len({v for v in running if v is not None}) <= 2 + seconds / PEEK_INTERVAL
 
 
 def test_concurrent_requests_batch_and_keep_their_own_settings(server):

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -313,6 +313,16 @@ class VLLMEngine:
     def take(self, ids: Sequence[str]) -> dict[str, Any]:
         """Collect (and forget) the workers' readings of finished requests."""
         return dict(self.llm.collective_rpc("persona_compass_take", args=(list(ids),))[0])
+
+    def read(
+        self, offsets: Mapping[str, int], ids: Sequence[str]
+    ) -> tuple[dict[str, list[float]], dict[str, Any]]:
+        """In one call to the workers: the new readings of running requests from each given
+        position on (kept), and the readings of finished requests ``ids`` (handed over)."""
+        peeked, taken = self.llm.collective_rpc(
+            "persona_compass_read", args=(dict(offsets), list(ids))
+        )[0]
+        return dict(peeked), dict(taken)
 
     # -- requests ---------------------------------------------------------------------------
     def plan(self, req: CompassRequest) -> EnginePlan:

@@ -356,3 +356,10 @@ class CompassWorkerExtension:
 
     def persona_compass_peek(self, offsets: dict[str, int]) -> dict[str, list[float]]:
         return self._compass().peek(dict(offsets))
+
+    def persona_compass_read(
+        self, offsets: dict[str, int], ids: list[str]
+    ) -> tuple[dict[str, list[float]], dict[str, Any]]:
+        """:meth:`peek` and :meth:`take` in one call (one round trip to the worker)."""
+        compass = self._compass()
+        return compass.peek(dict(offsets)), compass.take(list(ids))

@@ -41,7 +41,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--jobs", type=int, default=32, help="rollouts per round")
+    p.add_argument("--jobs", type=int, default=64, help="rollouts per round")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--batch", type=int, default=16, help="hf batch (the quick preset's)")
     p.add_argument("--max-num-seqs", type=int, default=64)

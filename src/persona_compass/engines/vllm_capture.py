@@ -300,54 +300,11 @@ def _install(runner: Any) -> None:
     runner._persona_compass_capture = CaptureRuntime(runner, settings) if settings else None
 
 
-_wrapped: set[tuple[type, str]] = set()
-
-
-def _wrap_load_model(cls: Any) -> None:
-    if (cls, "load_model") in _wrapped:
-        return
-    _wrapped.add((cls, "load_model"))
-    original = cls.load_model
-
-    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
-        result = original(self, *args, **kwargs)
-        _install(self)
-        return result
-
-    cls.load_model = load_model
-
-
-def _wrap_model_forward(cls: Any) -> None:
-    if (cls, "_model_forward") in _wrapped:
-        return
-    _wrapped.add((cls, "_model_forward"))
-    original = cls._model_forward
-
-    def _model_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        runtime = getattr(self, "_persona_compass_capture", None)
-        if runtime is None:
-            return original(self, *args, **kwargs)
-        positions = kwargs.get("positions")
-        n_padded = int(positions.shape[0]) if positions is not None else runtime.max_tokens
-        runtime.before_forward(self, n_padded)
-        out = original(self, *args, **kwargs)
-        runtime.after_forward()
-        return out
-
-    cls._model_forward = _model_forward
-
-
 def register() -> None:
     """Called by the vLLM plugin (:func:`.vllm_worker.register`): capture when configured."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from .vllm_runner import patch_runners
 
-    _wrap_load_model(GPUModelRunner)
-    _wrap_model_forward(GPUModelRunner)
-    try:
-        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-    except ImportError:  # a GPU build without the CPU runner
-        return
-    _wrap_load_model(CPUModelRunner)
+    patch_runners("_persona_compass_capture", _install)
 
 
 class CaptureWorkerExtension:

@@ -282,54 +282,13 @@ def _install(runner: Any) -> None:
     runner._persona_compass = CompassRuntime(runner, settings) if settings else None
 
 
-def _wrap_load_model(cls: Any) -> None:
-    original = cls.load_model
-    if getattr(original, "_persona_compass", False):
-        return
-
-    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
-        result = original(self, *args, **kwargs)
-        _install(self)
-        return result
-
-    load_model._persona_compass = True  # type: ignore[attr-defined]
-    cls.load_model = load_model
-
-
-def _wrap_model_forward(cls: Any) -> None:
-    original = cls._model_forward
-    if getattr(original, "_persona_compass", False):
-        return
-
-    def _model_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        runtime = getattr(self, "_persona_compass", None)
-        if runtime is None:
-            return original(self, *args, **kwargs)
-        positions = kwargs.get("positions")
-        n_padded = int(positions.shape[0]) if positions is not None else runtime.max_tokens
-        runtime.before_forward(self, n_padded)
-        out = original(self, *args, **kwargs)
-        runtime.after_forward()
-        return out
-
-    _model_forward._persona_compass = True  # type: ignore[attr-defined]
-    cls._model_forward = _model_forward
-
-
 def register() -> None:
     """vLLM general plugin: make model runners install the compass when configured."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
     from .vllm_capture import register as register_capture
+    from .vllm_runner import patch_runners
 
     register_capture()  # the extraction's in-engine capture, when configured
-    _wrap_load_model(GPUModelRunner)
-    _wrap_model_forward(GPUModelRunner)
-    try:
-        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-    except ImportError:  # a GPU build without the CPU runner
-        return
-    _wrap_load_model(CPUModelRunner)
+    patch_runners("_persona_compass", _install)
 
 
 class CompassWorkerExtension:

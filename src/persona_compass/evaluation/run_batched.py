@@ -30,7 +30,7 @@ from ..generation import SamplingConfig
 from ..monitor import DriftMonitor
 from .capability import CapabilityItem, score_answer
 from .conditions import Condition
-from .run_conversation import save_conversation_unit, scenario_seed
+from .run_conversation import save_conversation_unit, scenario_seed, turn_record
 from .run_store import CAPABILITY_FORMAT, EvaluationResult
 from .scenarios import Scenario
 from .users import User, make_user, next_turns
@@ -184,20 +184,7 @@ def run_conversation_wave(
             answer = x.conversation.accept(req, answer)
             turn = len(x.records) + 1
             x.answers.append(answer.text)
-            x.records.append(
-                {
-                    "turn": turn,
-                    "message_index": answer.reading.index,
-                    "user_source": user_turn.source,
-                    "user_note": user_turn.note,
-                    "user_seconds": round(user_seconds, 4),
-                    "answer_seconds": round(seconds, 4),
-                    "finish_reason": answer.finish_reason,
-                    "prompt_tokens": answer.prompt_tokens,
-                    "completion_tokens": answer.completion_tokens,
-                    "cap_engaged_next": answer.cap_engaged_next,
-                }
-            )
+            x.records.append(turn_record(turn, answer, user_turn, user_seconds, seconds))
             result.answers += 1
             result.answer_seconds.append(seconds)
             if on_answer is not None:

@@ -13,7 +13,7 @@ from ..alerts import AlertRules
 from ..atomic import write_json
 from ..axis import Axis
 from ..capping import CappingConfig
-from ..compass import AdaptivePolicy, CompassSession
+from ..compass import AdaptivePolicy, Answer, CompassSession
 from ..generation import SamplingConfig
 from ..transcripts import save_transcript
 from .conditions import Condition
@@ -108,20 +108,7 @@ def run_conversation_unit(
         answer = session.reply(user_turn.text)
         seconds = time.perf_counter() - t1
         answers.append(answer.text)
-        records.append(
-            {
-                "turn": turn,
-                "message_index": answer.reading.index,
-                "user_source": user_turn.source,
-                "user_note": user_turn.note,
-                "user_seconds": round(t1 - t0, 4),
-                "answer_seconds": round(seconds, 4),
-                "finish_reason": answer.finish_reason,
-                "prompt_tokens": answer.prompt_tokens,
-                "completion_tokens": answer.completion_tokens,
-                "cap_engaged_next": answer.cap_engaged_next,
-            }
-        )
+        records.append(turn_record(turn, answer, user_turn, t1 - t0, seconds))
         result.answers += 1
         result.answer_seconds.append(seconds)
         if on_answer is not None:
@@ -143,6 +130,24 @@ def run_conversation_unit(
         records=records,
         started=started,
     )
+
+
+def turn_record(
+    turn: int, answer: Answer, user_turn: Any, user_seconds: float, answer_seconds: float
+) -> dict[str, Any]:
+    """One answered turn as a run file lists it."""
+    return {
+        "turn": turn,
+        "message_index": answer.reading.index,
+        "user_source": user_turn.source,
+        "user_note": user_turn.note,
+        "user_seconds": round(user_seconds, 4),
+        "answer_seconds": round(answer_seconds, 4),
+        "finish_reason": answer.finish_reason,
+        "prompt_tokens": answer.prompt_tokens,
+        "completion_tokens": answer.completion_tokens,
+        "cap_engaged_next": answer.cap_engaged_next,
+    }
 
 
 def save_conversation_unit(

@@ -5,7 +5,7 @@ PIP    := $(PY) -m pip
 CLI    := $(VENV)/bin/persona-compass
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser demo test lint typecheck pytest bench bench-engine bench-extract bench-load bench-evaluate clean
+.PHONY: install browser demo test lint typecheck docs pytest bench bench-engine bench-extract bench-load bench-evaluate clean
 
 install: $(STAMP)
 
@@ -38,7 +38,12 @@ browser:
 pytest: install browser
 	$(VENV)/bin/pytest -q
 
-test: lint typecheck pytest
+# The documentation site (mkdocs.yml, docs/): --strict makes a broken link, a missing page or
+# an unresolvable docstring reference fail the build.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir build/site
+
+test: lint typecheck docs pytest
 
 # Everything but bench-evaluate (most of an hour on 2 cores): about 40 minutes.
 bench: install

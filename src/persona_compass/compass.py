@@ -356,10 +356,13 @@ class CompassSession:
     """A conversation on the compass: history, live readings, alerts and cap state.
 
     Args:
-        model, tokenizer, axis: the model, its tokenizer, and the axis bundle.
+        model: the model.
+        tokenizer: its tokenizer.
+        axis: the axis bundle.
         capping_config: the cap to use in ``on`` and ``adaptive`` modes.
         mode: ``off`` (watch only), ``on`` (always capped) or ``adaptive``.
-        rules, policy: alert rules and the adaptive release policy.
+        rules: alert rules.
+        policy: the adaptive release policy.
         sampling: sampling settings; each turn uses ``seed + turn number`` when seeded.
         system_prompt: an optional system message at the start.
         on_alert: called with every alert.

@@ -429,7 +429,8 @@ def trajectory_html(
         bands: reference lines ``{label: value}``, e.g. :func:`calibration_bands`; None: none.
         title: the page and chart title.
         description: an optional paragraph under the title (plain text, escaped).
-        xlabel, ylabel: axis titles.
+        xlabel: the x axis title.
+        ylabel: the y axis title.
 
     Returns:
         the HTML document as a string (UTF-8 when written, see :func:`write_trajectory_html`).

@@ -420,7 +420,8 @@ def project_conversation(
     """Per-turn mean projections of a conversation's content tokens, in one forward pass.
 
     Args:
-        model, tokenizer: the model and its tokenizer (chat template required).
+        model: the model.
+        tokenizer: its tokenizer (chat template required).
         axis: the axis to project on.
         messages: ``[{"role": ..., "content": ...}, ...]``.
         layer: block to read (default: the axis' monitor layer).

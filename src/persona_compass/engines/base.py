@@ -36,7 +36,8 @@ class CompassRequest:
         mode: ``off`` (watch only), ``on`` (capped) or ``adaptive`` (capped when the
             conversation's earlier turns raised an alert).
         capping_config: the cap for ``on`` and ``adaptive`` (None: the engine's default).
-        rules, policy: alert rules and the adaptive release policy.
+        rules: alert rules.
+        policy: the adaptive release policy.
         steer: steering added while generating.
         sampling: sampling settings (greedy when ``temperature`` is 0).
         stop: strings that end the answer.

@@ -279,13 +279,18 @@ def run_evaluation(
             ``openai:URL[#model]``.
         judge: the outcome judge: ``heuristic`` or ``openai:URL[#model]``.
         turns: user turns per conversation (default: each scenario's whole script).
-        max_new_tokens, temperature, top_p, repetition_penalty: sampling of the answers.
+        max_new_tokens: sampling of the answers: tokens per answer.
+        temperature: sampling of the answers.
+        top_p: sampling of the answers.
+        repetition_penalty: sampling of the answers.
         seed: the run seed (each scenario's seed derives from it and the scenario id).
         system_prompt: a system message at the start of every conversation.
-        rules, policy: alert rules and the adaptive release policy.
+        rules: alert rules.
+        policy: the adaptive release policy.
         capability: also answer the capability items under each condition that changes a
             single answer (and the baseline); greedy, ``capability_max_new_tokens`` tokens.
-        capability_items, capability_limit: the items (default: the shipped set), first N.
+        capability_items: the items (default: the shipped set).
+        capability_limit: only the first N items.
         sweep: ``{"windows": [...], "percentiles": [...]}`` when this is a sweep (recorded
             for the report).
         force: accept new settings and redo the units they affect.

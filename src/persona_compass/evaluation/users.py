@@ -222,7 +222,8 @@ class LocalUserBackend:
     generate_chat` (one left-padded batch per call).
 
     Args:
-        model, tokenizer: a loaded causal LM and its tokenizer.
+        model: a loaded causal LM.
+        tokenizer: its tokenizer.
         sampling: sampling settings (default :data:`DEFAULT_USER_SAMPLING`; seeded, so the
             same conversation gives the same user message).
         name: a label for reports (default ``"model:<model id>"``).
@@ -262,8 +263,9 @@ class OpenAIUserBackend:
     Args:
         base_url: the API root, e.g. ``"http://127.0.0.1:8000/v1"``.
         model: the model name (default ``gpt-4.1-mini``).
-        temperature, max_tokens, seed: sampling fields sent with every request (``None``
-            values are not sent).
+        temperature: a sampling field sent with every request (``None``: not sent).
+        max_tokens: a sampling field sent with every request (``None``: not sent).
+        seed: a sampling field sent with every request (``None``: not sent).
         **client_options: ``api_key_env`` (environment variable holding the API key; unset:
             no key is sent), ``concurrency``, ``retries``, ``requests_per_second``,
             ``timeout``, ``backoff`` (``ClientOptions``), passed to ``OpenAIClient``.
@@ -498,7 +500,8 @@ def make_user_backend(
 
     Args:
         spec: ``"scripted"``, ``"model:SPEC"``, ``"model:self"`` or ``"openai:URL[#model]"``.
-        model, tokenizer: the model under evaluation, for ``"model:self"``.
+        model: the model under evaluation, for ``"model:self"``.
+        tokenizer: its tokenizer.
         sampling: sampling for a local model.
 
     Raises:
@@ -542,7 +545,9 @@ def make_user(
         spec: a user spec, or a backend already built by :func:`make_user_backend` (``None``
             for a scripted user).
         scenario: the scenario to play.
-        model, tokenizer, sampling: for ``"model:self"`` / a local model.
+        model: for ``"model:self"`` / a local model.
+        tokenizer: its tokenizer.
+        sampling: sampling for that model.
         max_turns: user turns to play (default: the scripted count).
         seed_first: for simulated users, open with the scripted first turn.
 

@@ -9,7 +9,9 @@ tokens with end-of-sequence disabled, at batch 1 and batch 8 (left-padded), for 
   (d) a reference-style implementation (benchmarks/decode.py): plain hooks that re-normalise
       the vector every call, plus a monitor that calls ``.item()`` every step;
   (e) ``persona_compass.DriftMonitor`` alone (no capping): the live-monitor overhead, reported
-      as the ratio (e)/(a) against its own target (>= 0.98).
+      as the ratio (e)/(a) against its own target (>= 0.98);
+  (f) (e) with three trait needles (random trait axes at the monitor layer and 4 blocks
+      either side): the cost of the needles, reported as (f)/(e) against its target (>= 0.99).
 
 Warm-up runs first, then the variants are interleaved round-robin (rotating the order each
 round) for N repeats; medians, spreads and ratios to (a) go to
@@ -80,11 +82,14 @@ VARIANTS: dict[str, str] = {
     "c": "capping + DriftMonitor",
     "d": "reference-style hooks + .item() monitor",
     "e": "DriftMonitor only (live-monitor overhead)",
+    "f": "DriftMonitor + 3 trait needles",
 }
 TARGET_RATIO = 0.97  # the issue's target: (b) and (c) within 3% of (a)
 MONITOR_VARIANT = "e"
 MONITOR_TARGET_RATIO = 0.98  # the issue's target: the live monitor alone within 2% of (a)
 TARGETS = {"b": TARGET_RATIO, "c": TARGET_RATIO, MONITOR_VARIANT: MONITOR_TARGET_RATIO}
+TRAITS_VARIANT = "f"
+TRAITS_TARGET_RATIO = 0.99  # issue 14: three trait needles within 1% of decoding with (e)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -176,6 +181,7 @@ class Bench:
         self.caps = dict(zip(self.layers, config.thresholds, strict=True))
         self.raw_vectors = {layer: axis.directions[layer] for layer in self.layers}
         self.kwargs = generate_kwargs(tokenizer, args.new_tokens)
+        self.traits = trait_needles(axis)
 
     @contextmanager
     def hooks(self, variant: str, model: Any) -> Iterator[Callable[[], int]]:
@@ -191,6 +197,11 @@ class Bench:
             if variant in ("c", MONITOR_VARIANT):
                 mon = stack.enter_context(DriftMonitor(model, self.axis))
                 readout = lambda: mon.token_projections().numel()  # noqa: E731
+            elif variant == TRAITS_VARIANT:
+                needles = stack.enter_context(DriftMonitor(model, self.axis, traits=self.traits))
+                readout = lambda: sum(  # noqa: E731
+                    x.numel() for x in needle_readings(needles)
+                )
             elif variant == "d":
                 stack.enter_context(ReferenceCapping(blocks, self.raw_vectors, self.caps))
                 ref = stack.enter_context(
@@ -224,7 +235,8 @@ class Bench:
         dtype = next(self.model.parameters()).dtype
         harness = PassthroughModel(self.model.config, len(self.blocks), dtype)
         blocks = find_decoder_blocks(harness)
-        touched = [blocks[i] for i in sorted(set(self.layers) | {self.axis.layer})]
+        needle_layers = {t.layer for t in self.traits}
+        touched = [blocks[i] for i in sorted(set(self.layers) | {self.axis.layer} | needle_layers)]
         d_model = self.axis.d_model
         gen = torch.Generator().manual_seed(0)
         hidden = (torch.randn(batch_size, 1, d_model, generator=gen) * 10.0).to(dtype)
@@ -257,6 +269,28 @@ class Bench:
             finally:
                 counter.remove()
         return counter.fractions()
+
+
+def needle_readings(mon: DriftMonitor) -> list[torch.Tensor]:
+    """Every reading of a monitor with trait needles: its axis' and each needle's."""
+    return [mon.token_projections(), *(mon.trait_token_projections(n) for n in mon.trait_names)]
+
+
+def trait_needles(axis: Axis) -> list[Axis]:
+    """Three random trait axes (monitor layer, 4 blocks below, 4 above) with the axis' shape:
+    their cost does not depend on what they point at."""
+    gen = torch.Generator().manual_seed(14)
+    layers = [axis.layer, max(0, axis.layer - 4), min(axis.n_layers - 1, axis.layer + 4)]
+    return [
+        Axis(
+            directions=torch.randn(axis.directions.shape, generator=gen),
+            model_id=axis.model_id,
+            fingerprint=axis.fingerprint,
+            monitor_layer=layer,
+            metadata={"kind": "trait", "trait": name},
+        )
+        for name, layer in zip(("needle_a", "needle_b", "needle_c"), layers, strict=True)
+    ]
 
 
 def agreement(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -352,6 +386,22 @@ def bench_batch_size(bench: Bench, batch_size: int, reps: int, args: Any) -> dic
         "decode_step_pass": targets[m]["decode_step_pass"],
         "hook_implied_pass": hook_cost[m]["implied_ratio"] >= MONITOR_TARGET_RATIO,
     }
+    f = TRAITS_VARIANT
+    trait_overhead = {
+        "what": "decode tokens/s with three trait needles on the DriftMonitor (f) vs the "
+        "monitor alone (e)",
+        "variant": f,
+        "baseline": m,
+        "target": f"(f)/(e) >= {TRAITS_TARGET_RATIO}",
+        "end_to_end_ratio": e2e[f]["ratio_of_medians"] / e2e[m]["ratio_of_medians"],
+        "decode_step_ratio": pooled[m] / pooled[f],
+        "hook_cost_us_per_step": hook_cost[f]["overhead_us_per_step"]
+        - hook_cost[m]["overhead_us_per_step"],
+    }
+    extra = trait_overhead["hook_cost_us_per_step"] * 1e-6
+    trait_overhead["hook_implied_ratio"] = pooled[m] / (pooled[m] + extra)
+    for key in ("end_to_end", "decode_step", "hook_implied"):
+        trait_overhead[f"{key}_pass"] = trait_overhead[f"{key}_ratio"] >= TRAITS_TARGET_RATIO
     return {
         "batch_size": batch_size,
         "prompt_tokens_padded": int(batch["input_ids"].shape[1]),
@@ -368,6 +418,7 @@ def bench_batch_size(bench: Bench, batch_size: int, reps: int, args: Any) -> dic
         "decode_step_tokens_per_s": step,
         "targets": targets,
         "monitor_overhead": monitor_overhead,
+        "trait_overhead": trait_overhead,
         "cap_engagement": {
             "per_layer": {str(k): val for k, val in engaged.items()},
             "mean_over_layers": mean_engaged,
@@ -387,7 +438,8 @@ def bench_batch_size(bench: Bench, batch_size: int, reps: int, args: Any) -> dic
             "b_vs_d_token_agreement": agreement(first["b"], first["d"]),
             "c_vs_b_token_agreement": agreement(first["c"], first["b"]),
             "e_vs_a_token_agreement": agreement(first["e"], first["a"]),
-            "monitor_readings": {v: readings[v] for v in ("c", "d", "e")},
+            "monitor_readings": {v: readings[v] for v in ("c", "d", "e", "f")},
+            "f_vs_e_token_agreement": agreement(first["f"], first["e"]),
             "sample_text_row0": {
                 v: tok.decode(first[v][0], skip_special_tokens=True) for v in ("a", "b", "d")
             },
@@ -456,6 +508,14 @@ def print_table(result: dict[str, Any]) -> None:
             f"{verdict[mo['decode_step_pass']]}, hook-implied {mo['hook_implied_ratio']:.4f} "
             f"{verdict[mo['hook_implied_pass']]} ({mo['hook_cost_us_per_step']:.0f} us/step; "
             f"target >= {MONITOR_TARGET_RATIO})"
+        )
+        to = res["trait_overhead"]
+        print(
+            f"{'':>7}three trait needles (f)/(e): e2e {to['end_to_end_ratio']:.3f} "
+            f"{verdict[to['end_to_end_pass']]}, step {to['decode_step_ratio']:.3f} "
+            f"{verdict[to['decode_step_pass']]}, hook-implied {to['hook_implied_ratio']:.4f} "
+            f"{verdict[to['hook_implied_pass']]} ({to['hook_cost_us_per_step']:.0f} us/step; "
+            f"target >= {TRAITS_TARGET_RATIO})"
         )
     print(
         f"targets: (b) and (c) ratio >= {TARGET_RATIO}, (e) ratio >= {MONITOR_TARGET_RATIO} "

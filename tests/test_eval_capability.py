@@ -18,6 +18,7 @@ from persona_compass.evaluation.capability import (
     paired_difference_ci,
     score_answer,
     summarize,
+    unchanged_answers,
 )
 
 # ------------------------------------------------------------------ the shipped set
@@ -275,3 +276,44 @@ def test_summarize_per_category():
     assert report["categories"]["facts"]["high"] == 1.0
     with pytest.raises(CapabilityError, match="3 items but 2"):
         summarize(items, [True, True])
+
+
+# ------------------------------------------------------------------ unchanged answers
+
+
+def _row(i, reply, ids=None):
+    row = {"id": f"q{i}", "category": "facts", "reply": reply, "correct": False}
+    return row if ids is None else row | {"token_ids": ids}
+
+
+def test_unchanged_answers_compares_tokens_paired_by_id():
+    base = [_row(0, "Paris", [5, 6]), _row(1, "4", [9]), _row(2, "x", [1, 2, 3])]
+    # same ids in another order; q1 differs by a token although its text is the same
+    mine = [_row(2, "x", [1, 2, 3]), _row(1, "4", [9, 2]), _row(0, "Paris", [5, 6])]
+    assert unchanged_answers(base, mine) == {
+        "unchanged": 2,
+        "n": 3,
+        "unchanged_share": 2 / 3,
+        "unchanged_basis": "tokens",
+    }
+    assert unchanged_answers(base, base)["unchanged_share"] == 1.0
+
+
+def test_unchanged_answers_falls_back_to_exact_text():
+    base = [_row(0, "Paris"), _row(1, "4 ")]
+    mine = [_row(0, "Paris"), _row(1, "4")]  # a trailing space is a change
+    assert unchanged_answers(base, mine) == {
+        "unchanged": 1,
+        "n": 2,
+        "unchanged_share": 0.5,
+        "unchanged_basis": "text",
+    }
+    mixed = unchanged_answers([_row(0, "a", [1]), _row(1, "b")], [_row(0, "z", [1]), _row(1, "b")])
+    assert (mixed["unchanged"], mixed["unchanged_basis"]) == (2, "mixed")
+
+
+def test_unchanged_answers_errors():
+    with pytest.raises(CapabilityError, match="at least one baseline item"):
+        unchanged_answers([], [_row(0, "a")])
+    with pytest.raises(CapabilityError, match=r"lacks 1 baseline item\(s\) \(q1\)"):
+        unchanged_answers([_row(0, "a"), _row(1, "b")], [_row(0, "a")])

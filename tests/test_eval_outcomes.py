@@ -26,6 +26,8 @@ from persona_compass.evaluation.outcomes import (
 from persona_compass.evaluation.scenarios import DOMAINS
 
 JUDGE = HeuristicOutcomeJudge()
+FIRST_FOUR = ("harmful_compliance", "delusion_validation", "referral", "refusal")
+"""What the shipped outcome_sample.json labels (identity drift has its own sample)."""
 
 
 def verdict(domain: str, user: str, answer: str) -> dict[str, bool | None]:
@@ -40,7 +42,8 @@ def test_shipped_sample_is_varied_and_balanced():
     sample = load_outcome_sample()
     assert len(sample) >= 60
     assert {s.item.domain for s in sample} == set(DOMAINS)
-    for field in OUTCOME_FIELDS:
+    assert all(tuple(s.labels) == FIRST_FOUR for s in sample)
+    for field in FIRST_FOUR:
         positives = sum(s.labels[field] for s in sample)
         assert 10 <= positives <= len(sample) - 10, field
     assert len({s.id for s in sample}) == len(sample)
@@ -49,7 +52,8 @@ def test_shipped_sample_is_varied_and_balanced():
 def test_heuristic_agreement_on_the_shipped_sample():
     result = heuristic_outcome_agreement()
     assert result["judge"] == "heuristic" and result["n"] == len(load_outcome_sample())
-    for field in OUTCOME_FIELDS:
+    assert tuple(result["fields"]) == FIRST_FOUR and result["split"] is None
+    for field in FIRST_FOUR:
         stats = result["fields"][field]
         assert stats["accuracy"] >= 0.95, (field, result["mismatches"][field])
         assert stats["undecided"] == 0
@@ -167,12 +171,13 @@ def test_parse_verdict_forms():
             "delusion_validation": 0,
             "referral": "Yes",
             "refusal": "false",
+            "identity_drift": "NO",
         }
     )
     assert parse_verdict(words)[0] == ALL_FALSE | {"referral": True}
     fields, problem = parse_verdict('{"harmful_compliance": true}')
     assert fields["harmful_compliance"] is True and fields["refusal"] is None
-    assert "delusion_validation, referral, refusal" in problem
+    assert "delusion_validation, referral, refusal, identity_drift" in problem
     assert parse_verdict("no json here") == (
         dict.fromkeys(OUTCOME_FIELDS),
         "it was not a JSON object",
@@ -207,7 +212,9 @@ def test_openai_judge_parses_and_repairs_once():
         assert isinstance(judge, OpenAIOutcomeJudge)
         good, repaired, half, bad = judge.judge(items)
         judge.close()
-    assert good == Outcome(False, False, False, True, f"openai:{server.url}#judge-m")
+    assert good == Outcome(
+        False, False, False, True, f"openai:{server.url}#judge-m", identity_drift=False
+    )
     assert repaired.referral is True and repaired.decided
     assert half.refusal is True and half.referral is None and not half.decided
     assert bad == Outcome(None, None, None, None, judge.name)
@@ -238,6 +245,35 @@ def test_openai_judge_prompt_has_the_context():
 
 
 # ------------------------------------------------------------------ factory
+
+
+def test_make_outcome_judge_routes_through_the_backend_parser(monkeypatch):
+    from persona_compass.backends import accepted_forms
+    from persona_compass.evaluation import outcomes
+
+    calls = []
+    real = outcomes.parse_backend_spec
+
+    def spy(text, **kwargs):
+        calls.append((text, kwargs))
+        return real(text, **kwargs)
+
+    monkeypatch.setattr(outcomes, "parse_backend_spec", spy)
+    assert isinstance(make_outcome_judge("heuristic"), HeuristicOutcomeJudge)
+    assert calls == [
+        (
+            "heuristic",
+            {
+                "param": "outcome judge",
+                "allowed": ("heuristic", "openai"),
+                "default_model": "gpt-4.1-mini",
+                "error": OutcomeError,
+            },
+        )
+    ]
+    assert outcomes.SPEC_FORMS == accepted_forms(
+        outcomes.OUTCOME_JUDGE_KINDS, default_model="gpt-4.1-mini"
+    )
 
 
 def test_make_outcome_judge_specs():
@@ -281,9 +317,11 @@ def test_outcome_agreement_counts(tmp_path):
     path = tmp_path / "s.json"
     path.write_text(json.dumps([row(0, referral=True), row(1), row(2, refusal=True)]))
     outcomes = [
-        Outcome(False, False, True, False, "fixed"),  # all right
-        Outcome(False, None, True, False, "fixed"),  # undecided validation, wrong referral
-        Outcome(True, False, False, False, "fixed"),  # wrong harm, missed refusal
+        Outcome(False, False, True, False, "fixed", identity_drift=False),  # all right
+        # undecided validation, wrong referral
+        Outcome(False, None, True, False, "fixed", identity_drift=False),
+        # wrong harm, missed refusal
+        Outcome(True, False, False, False, "fixed", identity_drift=False),
     ]
     result = outcome_agreement(Fixed(outcomes), path)
     assert result["n"] == 3 and result["judge"] == "fixed"

@@ -14,6 +14,7 @@ from persona_compass.evaluation.conditions import parse_conditions, sweep_condit
 from persona_compass.evaluation.report import collect_results, write_report
 from persona_compass.evaluation.runner import run_evaluation, run_path
 from persona_compass.evaluation.scenarios import Scenario
+from persona_compass.evaluation.settings import EvaluationSettings
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SCENARIOS = [
@@ -39,20 +40,17 @@ def evaluation(tmp_path_factory):
     CappingConfig.calibrate(axis, axis.calibration, "1:3", 60.0).save(bundle)
     conds = [*parse_conditions("unsteered,capped,adaptive"), *sweep_conditions(["1:3"], [25, 50])]
     out = root / "ev"
-    run_evaluation(
+    settings = EvaluationSettings(
         bundle,
-        out,
-        model=model,
-        tokenizer=tok,
         scenarios=SCENARIOS,
         conditions=conds,
         max_new_tokens=4,
         capability_items=ITEMS,
         capability_max_new_tokens=3,
         sweep={"windows": ["1:3"], "percentiles": [25.0, 50.0]},
-        progress=False,
         command="persona-compass evaluate (test)",
     )
+    run_evaluation(settings, out, model=model, tokenizer=tok, progress=False)
     written = write_report(out)
     return out, bundle, written
 
@@ -65,6 +63,7 @@ def test_report_files_are_written(evaluation):
     assert [p.name for p in charts] == [
         "capability_delta.png",
         "harm_by_condition.png",
+        "identity_drift_by_condition.png",
         "trajectories.png",
     ]
     for png in charts:
@@ -149,3 +148,118 @@ def test_missing_runs_are_reported_not_invented(evaluation, tmp_path):
     assert any("missing" in c for c in results["caveats"])
     write_report(copy, results)
     assert "Missing runs: mood-b / capped" in (copy / "report.md").read_text()
+
+
+# --------------------------------------------------------------------------- identity drift,
+# unchanged answers, and folders / results written before either existed
+
+
+def test_identity_drift_rate_per_condition(evaluation):
+    out, _, _ = evaluation
+    data = json.loads((out / "results.json").read_text())
+    for row in data["by_condition"]:
+        counts = row["outcome_counts"]["identity_drift"]
+        assert counts["judged"] == row["n_answers"]  # the heuristic judges every answer
+        assert row["rates"]["identity_drift"] == counts["positive"] / counts["judged"]
+    positives = {
+        cond: sum(
+            bool(t["outcome"]["identity_drift"])
+            for run in data["runs"]
+            if run["condition"] == cond
+            for t in run["turns"]
+        )
+        for cond in (r["condition"] for r in data["by_condition"])
+    }
+    for row in data["by_condition"]:
+        assert row["outcome_counts"]["identity_drift"]["positive"] == positives[row["condition"]]
+    text = (out / "report.md").read_text()
+    assert "| identity drift |" in text and "| identity drift rate | identity drift |" in text
+    chart = "![Identity drift rate by condition](charts/identity_drift_by_condition.png)"
+    assert chart in text
+
+
+def test_unchanged_share_is_token_identity_with_the_baseline(evaluation, tmp_path):
+    out, _, _ = evaluation
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    base_file, capped_file = (
+        copy / "capability" / "unsteered.json",
+        copy / "capability" / "capped.json",
+    )
+    base = json.loads(base_file.read_text())
+    assert all(isinstance(i["token_ids"], list) for i in base["items"])  # stored per item
+    # craft the capped unit: item 0 as the baseline's, item 1 one token longer, same text
+    capped = json.loads(capped_file.read_text())
+    first, second = base["items"]
+    capped["items"] = [dict(first), dict(second, token_ids=[*second["token_ids"], 7])]
+    capped_file.write_text(json.dumps(capped))
+    cap = {r["condition"]: r for r in collect_results(copy)["capability"]["conditions"]}
+    assert (cap["capped"]["unchanged"], cap["capped"]["n"]) == (1, 2)
+    assert cap["capped"]["unchanged_share"] == 0.5
+    assert cap["capped"]["unchanged_basis"] == "tokens"
+    assert cap["unsteered"]["unchanged_share"] == 1.0  # the baseline itself
+    assert cap["adaptive"]["unchanged_share"] == 1.0  # = unsteered on a single turn
+    write_report(copy)
+    assert "| 50% (1/2) |" in (copy / "report.md").read_text()
+
+
+def _strip_new_fields(folder):
+    """Make ``folder`` look like one written before identity drift and token ids existed."""
+    for path in (folder / "runs").glob("*.json"):
+        data = json.loads(path.read_text())
+        for turn in data["evaluation"]["turns"]:
+            turn["outcome"].pop("identity_drift")
+        path.write_text(json.dumps(data))
+    for path in (folder / "capability").glob("*.json"):
+        data = json.loads(path.read_text())
+        for item in data["items"]:
+            item.pop("token_ids")
+        path.write_text(json.dumps(data))
+
+
+def test_a_folder_from_before_identity_drift_still_reports(evaluation, tmp_path):
+    out, _, _ = evaluation
+    import shutil
+
+    copy = tmp_path / "old"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("charts", "report.*", "results.json"))
+    _strip_new_fields(copy)
+    results = collect_results(copy)
+    for row in results["by_condition"]:
+        assert row["outcome_counts"]["identity_drift"] == {"positive": 0, "judged": 0}
+        assert row["rates"]["identity_drift"] is None  # not judged, not 0
+        assert row["harm_rate"] is not None  # the other outcomes are untouched
+    cap = {r["condition"]: r for r in results["capability"]["conditions"]}
+    assert cap["capped"]["unchanged_basis"] == "text"
+    written = write_report(copy, results)
+    assert not (copy / "charts" / "identity_drift_by_condition.png").exists()
+    assert "Identity drift rate by condition" not in written
+    text = (copy / "report.md").read_text()
+    assert "(on text)" in text
+    row = next(line for line in text.splitlines() if line.startswith("| unsteered | 2 | 4 |"))
+    assert row.endswith("| - | - |")  # identity drift rate and count
+
+
+def test_an_old_results_json_still_renders(evaluation, tmp_path):
+    """A results.json from before the new fields: the report functions read it as it is."""
+    from persona_compass.evaluation.report_charts import write_charts
+    from persona_compass.evaluation.report_markdown import render_markdown
+
+    out, _, _ = evaluation
+    data = json.loads((out / "results.json").read_text())
+    for row in [*data["by_condition"], *data["by_domain_condition"]]:
+        row["rates"].pop("identity_drift")
+        row["outcome_counts"].pop("identity_drift")
+    for row in data["capability"]["conditions"]:
+        for key in ("unchanged", "unchanged_share", "unchanged_basis"):
+            row.pop(key, None)
+    charts = write_charts(data, tmp_path)
+    assert "Identity drift rate by condition" not in charts and "Harm rate by condition" in charts
+    text = render_markdown(data, charts)
+    by_condition = next(line for line in text.splitlines() if line.startswith("| capped | 2 | 4 |"))
+    assert by_condition.endswith("| - | - |")  # identity drift rate and count
+    capability = text.split("## Capability check")[1].split("\n## ")[0]
+    capped = next(line for line in capability.splitlines() if line.startswith("| capped |"))
+    assert capped.endswith("| - |")  # unchanged vs unsteered

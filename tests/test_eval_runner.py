@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 
 import pytest
 from tiny import calibrated_axis, cap_at, make_pair
 
+from persona_compass.alerts import AlertRules
 from persona_compass.axis import Axis
 from persona_compass.capping import CappingConfig
-from persona_compass.compass import CompassSession
+from persona_compass.compass import AdaptivePolicy, CompassSession
 from persona_compass.evaluation import runner as runner_mod
 from persona_compass.evaluation.capability import (
     CapabilityItem,
@@ -39,6 +42,7 @@ from persona_compass.evaluation.metrics import (
     t975,
 )
 from persona_compass.evaluation.report import collect_results
+from persona_compass.evaluation.run_store import json_digest
 from persona_compass.evaluation.runner import (
     EvaluationError,
     run_evaluation,
@@ -46,12 +50,14 @@ from persona_compass.evaluation.runner import (
     scenario_seed,
 )
 from persona_compass.evaluation.scenarios import Scenario
+from persona_compass.evaluation.settings import GENERATION_KEYS, EvaluationSettings
 from persona_compass.evaluation.sweep import (
     SweepError,
     recommend,
     recommended_config,
     write_capping_bundle,
 )
+from persona_compass.run_folder import RunFolder
 from persona_compass.transcripts import load_transcripts
 
 SCENARIOS = [
@@ -81,7 +87,9 @@ ITEMS = [
     CapabilityItem("f1", "facts", "Capital of France?", "Paris", match="word"),
     CapabilityItem("x1", "format", "Reply OK.", "OK"),
 ]
-FAST = dict(turns=2, max_new_tokens=4, progress=False)
+FAST = dict(turns=2, max_new_tokens=4)
+# run_evaluation's own keywords (engine: a started one); every other option is a setting
+RUNTIME = ("model", "tokenizer", "force", "progress", "on_answer")
 
 
 @pytest.fixture(scope="module")
@@ -111,16 +119,15 @@ def count_replies(monkeypatch):
 
 def _run(tiny_eval, out, **kwargs):
     model, tok, _, bundle = tiny_eval
+    runtime = dict(model=model, tokenizer=tok, progress=False)
+    runtime.update({k: kwargs.pop(k) for k in RUNTIME if k in kwargs})
+    if "engine" in kwargs and not isinstance(kwargs["engine"], str):
+        runtime["engine"] = kwargs.pop("engine")
     options = dict(
-        model=model,
-        tokenizer=tok,
-        scenarios=SCENARIOS,
-        conditions="unsteered,capped",
-        capability=False,
-        **FAST,
+        bundle=bundle, scenarios=SCENARIOS, conditions="unsteered,capped", capability=False, **FAST
     )
     options.update(kwargs)
-    return run_evaluation(bundle, out, **options)
+    return run_evaluation(EvaluationSettings(**options), out, **runtime)
 
 
 # --------------------------------------------------------------------------- conditions
@@ -294,6 +301,106 @@ def test_engine_is_recorded_and_hf_folders_from_before_it_resume(
     assert collect_results(out)["engine"] == "hf"
 
 
+# settings.json as folders were written before the settings became a dataclass
+OLD_RECORD_KEYS = {
+    "format", "library_version", "engine", "model", "model_fingerprint", "dtype", "bundle",
+    "axis_model_id", "monitor_layer", "calibrated", "bundle_capping", "bundle_digest", "user",
+    "judge", "turns", "max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed",
+    "system_prompt", "rules", "policy", "capability_max_new_tokens", "capability_items_digest",
+    "scenario_source", "scenarios", "conditions", "capping_configs", "limit", "capability",
+    "capability_limit", "capability_n_items", "sweep", "command", "settings_digest",
+}  # fmt: skip
+OLD_GENERATION_KEYS = {
+    "engine", "model", "model_fingerprint", "dtype", "bundle_digest", "user", "turns",
+    "max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed", "system_prompt",
+    "rules", "policy", "capability_max_new_tokens", "capability_items_digest",
+}  # fmt: skip
+
+
+def test_the_settings_record_and_unit_keys_are_those_old_folders_hold(tiny_eval, tmp_path):
+    """Old folders resume: the record keeps its keys, and the digest every unit key hashes is
+    computed from the same generation settings (an hf run leaves the engine out)."""
+    out = tmp_path / "ev"
+    _run(tiny_eval, out)
+    record = json.loads((out / "settings.json").read_text())
+    assert set(record) >= OLD_RECORD_KEYS
+    assert set(GENERATION_KEYS) == OLD_GENERATION_KEYS
+    old_way = {k: record[k] for k in OLD_GENERATION_KEYS if k != "engine"}
+    assert record["settings_digest"] == json_digest(old_way)
+
+
+def test_each_resume_setting_refuses_a_rerun_and_free_ones_resume(
+    tiny_eval, tmp_path, count_replies
+):
+    out = tmp_path / "ev"
+    _run(tiny_eval, out)
+    assert len(count_replies) == 8
+    moved = tmp_path / "moved-bundle"  # the same files elsewhere: the digest still matches
+    shutil.copytree(tiny_eval[3], moved)
+    edited = tmp_path / "edited-bundle"  # other capping: another digest
+    shutil.copytree(tiny_eval[3], edited)
+    cap_at(tiny_eval[2], 40.0, "1:3").save(edited)
+    refused = {
+        "bundle": (edited, "bundle_digest: '"),
+        "user": ("model:self", "user: 'scripted' -> 'model:self'"),
+        "turns": (3, "turns: 2 -> 3"),
+        "temperature": (0.5, "temperature: 0.7 -> 0.5"),
+        "top_p": (0.8, "top_p: 0.9 -> 0.8"),
+        "repetition_penalty": (1.0, "repetition_penalty: 1.1 -> 1.0"),
+        "seed": (1, "seed: 0 -> 1"),
+        "system_prompt": ("Be brief.", "system_prompt: None -> 'Be brief.'"),
+        "rules": (AlertRules(turn_run=2), "rules: {"),
+        "policy": (AdaptivePolicy(release_turns=3), "policy: {"),
+        "capability": (True, "capability_items_digest: None -> '"),
+        "capability_max_new_tokens": (3, "capability_max_new_tokens: 16 -> 3"),
+    }
+    for name, (value, message) in refused.items():
+        with pytest.raises(EvaluationError, match=re.escape(f"other settings ({message}")):
+            _run(tiny_eval, out, **{name: value})
+    model, tok, _, bundle = tiny_eval  # the settings' model labels the loaded one
+    renamed = EvaluationSettings(
+        bundle, model="renamed", scenarios=SCENARIOS, capability=False, **FAST
+    )
+    with pytest.raises(EvaluationError, match=re.escape("(model: 'tiny' -> 'renamed')")):
+        run_evaluation(renamed, out, model=model, tokenizer=tok, progress=False)
+    assert len(count_replies) == 8
+    # the bundle's place, speed and presentation may change: every stored unit is reused
+    again = _run(
+        tiny_eval,
+        out,
+        bundle=moved,
+        capability_batch_size=2,
+        scenario_source="renamed",
+        sweep={"windows": [], "percentiles": []},
+        command="persona-compass evaluate (again)",
+    )
+    assert (again.skipped, again.generated, len(count_replies)) == (4, 0, 8)
+    record = json.loads((out / "settings.json").read_text())
+    assert (record["bundle"], record["command"]) == (str(moved), "persona-compass evaluate (again)")
+
+
+def test_a_folder_another_run_holds_is_refused_and_a_failed_run_lets_go(
+    tiny_eval, tmp_path, count_replies, monkeypatch
+):
+    out = tmp_path / "ev"
+    holder = RunFolder(out, settings_file="settings.json", what="an evaluation").open()
+    with pytest.raises(EvaluationError, match=r"in use by another run \(pid "):
+        _run(tiny_eval, out)
+    holder.close()
+    assert count_replies == []
+
+    def broken(**kwargs):
+        raise RuntimeError("killed mid-run")
+
+    monkeypatch.setattr(runner_mod, "run_conversation_unit", broken)
+    with pytest.raises(RuntimeError, match="killed mid-run") as failed:
+        _run(tiny_eval, out)
+    monkeypatch.undo()
+    # the failed run let go of the folder although its frames (and objects) are still alive
+    assert _run(tiny_eval, out).generated == 4
+    assert failed.tb is not None
+
+
 def test_a_bad_engine_is_refused_before_loading(tiny_eval, tmp_path, count_replies):
     with pytest.raises(EvaluationError, match=r"engine 'tpu' is not one of hf, vllm"):
         _run(tiny_eval, tmp_path / "a", engine="tpu")
@@ -302,6 +409,7 @@ def test_a_bad_engine_is_refused_before_loading(tiny_eval, tmp_path, count_repli
     with pytest.raises(EvaluationError, match="engine_options apply to engine='vllm'"):
         _run(tiny_eval, tmp_path / "c", engine_options={"enforce_eager": True})
     assert count_replies == [] and not (tmp_path / "a").exists()
+    assert not (tmp_path / "b").exists()
 
 
 def test_judge_change_rejudges_without_generating(tiny_eval, tmp_path, count_replies, monkeypatch):
@@ -334,6 +442,10 @@ def test_bad_input_fails_before_generating(tiny_eval, tmp_path, count_replies):
     (tmp_path / "c" / "stray.txt").write_text("x")
     with pytest.raises(EvaluationError, match="not empty"):
         _run(tiny_eval, tmp_path / "c")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "settings.json").write_text('{"format": "another-tool/1"}')
+    with pytest.raises(EvaluationError, match="not the settings record of an evaluation"):
+        _run(tiny_eval, tmp_path / "d")
     assert count_replies == []
 
 
@@ -365,6 +477,10 @@ def test_capability_pass_per_condition(tiny_eval, tmp_path):
         lo,
         hi,
     )
+    same = sum(a["token_ids"] == b["token_ids"] for a, b in zip(base, capped, strict=True))
+    assert (rows["capped"]["unchanged"], rows["capped"]["n"]) == (same, len(base))
+    assert rows["capped"]["unchanged_basis"] == "tokens"
+    assert all(len(i["token_ids"]) <= 3 for i in base + capped)  # capability_max_new_tokens
     again = _run(tiny_eval, out, conditions="unsteered,capped,adaptive", capability=True,
                  capability_items=ITEMS, capability_max_new_tokens=3)  # fmt: skip
     assert again.capability_done == 0

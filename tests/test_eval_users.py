@@ -9,6 +9,8 @@ import pytest
 from openai_stub import stub_server
 from tiny import make_pair
 
+from persona_compass.backends import accepted_forms
+from persona_compass.evaluation import users as users_mod
 from persona_compass.evaluation.scenarios import Scenario, load_scenarios
 from persona_compass.evaluation.users import (
     DEFAULT_OPENAI_USER_MODEL,
@@ -312,6 +314,32 @@ def test_openai_backend_default_model_and_batching():
 def test_bad_specs(spec, pattern):
     with pytest.raises(UserError, match=pattern):
         make_user(spec, SCENARIO)
+
+
+def test_user_specs_route_through_the_backend_parser(monkeypatch):
+    calls = []
+    real = users_mod.parse_backend_spec
+
+    def spy(text, **kwargs):
+        calls.append((text, kwargs))
+        return real(text, **kwargs)
+
+    monkeypatch.setattr(users_mod, "parse_backend_spec", spy)
+    assert isinstance(make_user("scripted", SCENARIO), ScriptedUser)
+    assert calls == [
+        (
+            "scripted",
+            {
+                "param": "user",
+                "allowed": ("scripted", "model", "openai"),
+                "default_model": DEFAULT_OPENAI_USER_MODEL,
+                "error": UserError,
+            },
+        )
+    ]
+    assert users_mod.SPEC_FORMS == accepted_forms(
+        users_mod.USER_KINDS, default_model=DEFAULT_OPENAI_USER_MODEL
+    )
 
 
 def test_scripted_spec_is_case_and_space_insensitive():

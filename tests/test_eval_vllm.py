@@ -30,6 +30,7 @@ from persona_compass.evaluation.runner import (  # noqa: E402
     run_evaluation,
 )
 from persona_compass.evaluation.scenarios import load_scenarios  # noqa: E402
+from persona_compass.evaluation.settings import EvaluationSettings  # noqa: E402
 from persona_compass.transcripts import load_transcripts  # noqa: E402
 
 pytestmark = [pytest.mark.real_model, pytest.mark.vllm]
@@ -43,8 +44,12 @@ SMALL = dict(
     repetition_penalty=1.0,
     capability_limit=4,
     capability_max_new_tokens=8,
-    progress=False,
 )
+
+
+def small(scenarios, engine="vllm", **kw):
+    """The module's small evaluation of ``scenarios`` on ``engine``."""
+    return EvaluationSettings("smollm2-135m", engine=engine, scenarios=scenarios, **{**SMALL, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +83,7 @@ def runs(engine, hf_model, scenarios, tmp_path_factory):
     """The same small evaluation on both engines (vllm's batch sizes recorded)."""
     root = tmp_path_factory.mktemp("ev")
     model, tok = hf_model
-    run_evaluation("smollm2-135m", root / "hf", model=model, tokenizer=tok,
-                   scenarios=scenarios, **SMALL)  # fmt: skip
+    run_evaluation(small(scenarios, "hf"), root / "hf", model=model, tokenizer=tok, progress=False)
     sizes: list[int] = []
     original = engine.respond
 
@@ -89,8 +93,7 @@ def runs(engine, hf_model, scenarios, tmp_path_factory):
 
     engine.respond = counted
     try:
-        result = run_evaluation("smollm2-135m", root / "vllm", engine=engine,
-                                scenarios=scenarios, **SMALL)  # fmt: skip
+        result = run_evaluation(small(scenarios), root / "vllm", engine=engine, progress=False)
     finally:
         del engine.respond
     return root, result, sizes
@@ -185,7 +188,7 @@ def test_resume_regenerates_only_the_deleted_unit(runs, engine, scenarios, monke
     sizes: list[int] = []
     original = engine.respond
     monkeypatch.setattr(engine, "respond", lambda reqs: sizes.append(len(reqs)) or original(reqs))
-    result = run_evaluation("smollm2-135m", folder, engine=engine, scenarios=scenarios, **SMALL)
+    result = run_evaluation(small(scenarios), folder, engine=engine, progress=False)
     assert (result.generated, result.skipped, result.capability_done) == (1, len(kept), 0)
     assert sizes == [1, 1, 1]
     assert _answers(lost) == before  # greedy: the same answers again
@@ -196,19 +199,18 @@ def test_a_rerun_on_the_other_engine_is_refused_without_force(runs, engine, hf_m
     root, _, _ = runs
     model, tok = hf_model
     with pytest.raises(EvaluationError, match=r"engine: 'vllm' -> 'hf'.*--force"):
-        run_evaluation("smollm2-135m", root / "vllm", model=model, tokenizer=tok,
-                       scenarios=scenarios, **SMALL)  # fmt: skip
+        run_evaluation(small(scenarios, "hf"), root / "vllm", model=model, tokenizer=tok,
+                       progress=False)  # fmt: skip
     with pytest.raises(EvaluationError, match=r"engine: 'hf' -> 'vllm'"):
-        run_evaluation("smollm2-135m", root / "hf", engine=engine, scenarios=scenarios, **SMALL)
+        run_evaluation(small(scenarios), root / "hf", engine=engine, progress=False)
     with pytest.raises(EvaluationError, match="loaded model was passed with engine='vllm'"):
-        run_evaluation("smollm2-135m", root / "x", engine="vllm", model=model, tokenizer=tok)
+        run_evaluation(small(scenarios), root / "x", model=model, tokenizer=tok)
 
 
 def test_model_self_user_writes_through_the_engine(engine, scenarios, tmp_path):
     out = tmp_path / "self"
-    options = {**SMALL, "conditions": "unsteered", "capability": False}
-    run_evaluation("smollm2-135m", out, engine=engine, scenarios=scenarios[:1],
-                   user="model:self", **options)  # fmt: skip
+    settings = small(scenarios[:1], conditions="unsteered", capability=False, user="model:self")
+    run_evaluation(settings, out, engine=engine, progress=False)
     data = json.loads(next((out / "runs").glob("*.json")).read_text())
     sources = [t["user_source"] for t in data["evaluation"]["turns"]]
     assert sources[0] == "script" and sources[1] in ("simulator", "fallback")

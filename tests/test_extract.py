@@ -19,8 +19,14 @@ from persona_compass.axis import Axis
 from persona_compass.capping import CappingConfig
 from persona_compass.cli import main
 from persona_compass.errors import PersonaCompassError
-from persona_compass.persona_space.extract import ExtractSettings, run_extraction
+from persona_compass.persona_space.extract import (
+    LEGACY_SETTINGS,
+    RESUME_KEYS,
+    ExtractSettings,
+    run_extraction,
+)
 from persona_compass.persona_space.store import ExtractionStore, RoleState, StoreError
+from persona_compass.run_folder import RunFolder
 
 SMALL = dict(
     n_roles=3,
@@ -121,6 +127,27 @@ def test_resume_with_other_settings_is_refused(tmp_path, qwen_pair):
     run(tmp_path, qwen_pair)
     with pytest.raises(StoreError, match="max_new_tokens: 5 -> 7"):
         run(tmp_path, qwen_pair, max_new_tokens=7)
+    # the speed and the bundle building may change: nothing is generated again
+    again = run(tmp_path, qwen_pair, batch_size=3, percentile=50.0, command="again")
+    assert again.generated_now == 0
+
+
+def test_the_resume_declaration_keeps_the_keys_runs_were_compared_on():
+    assert set(RESUME_KEYS) == {
+        "model_fingerprint", "catalogue_digest", "n_roles", "prompts_per_role", "n_questions",
+        "max_new_tokens", "temperature", "top_p", "repetition_penalty", "judge", "seed",
+        "samples_per_role", "generator", "layers", "trait",
+    }  # fmt: skip
+    assert LEGACY_SETTINGS == {"layers": "all", "trait": None}
+
+
+def test_a_folder_another_run_holds_is_refused(tmp_path, qwen_pair):
+    holder = RunFolder(tmp_path / "run", settings_file="run.json", what="an extraction").open()
+    with pytest.raises(StoreError, match=r"in use by another run \(pid "):
+        run(tmp_path, qwen_pair)
+    holder.close()
+    with ExtractionStore(tmp_path / "run", {"seed": 0}, resume_keys=("seed",)) as store:
+        assert store.settings == {"seed": 0}  # free again once the holder let go
 
 
 def test_presets_fill_the_knobs_and_flags_override_them():
@@ -136,7 +163,7 @@ def test_presets_fill_the_knobs_and_flags_override_them():
 
 
 def test_too_few_in_role_rollouts_is_a_clear_error(tmp_path, qwen_pair):
-    with pytest.raises(PersonaCompassError, match="min-role-count"):
+    with pytest.raises(PersonaCompassError, match="lower `min_role_count`"):
         run(tmp_path, qwen_pair, min_role_count=50)
 
 
@@ -253,6 +280,20 @@ def test_external_generator_records_activations_locally(tmp_path, qwen_pair):
     idx = state.sample_ids.index(rid)
     torch.testing.assert_close(state.samples[idx].float(), expected, rtol=1e-2, atol=1e-2)
     assert render_chat(tok, state.records[rid].conversation()).spans[-1].n_tokens > 0
+
+
+def test_generator_spec_without_model_asks_for_the_studied_model(tmp_path, qwen_pair):
+    """--generator openai:URL (no #model): the spec goes through the one backend parser with
+    the studied model's id as the default; a malformed spec raises that parser's error."""
+    from openai_stub import stub_server
+
+    from persona_compass.persona_space.generators import GeneratorError
+
+    with stub_server(reply="fine") as server:
+        run(tmp_path, qwen_pair, generator=f"OpenAI:{server.url}/")
+        assert server.requests and {r.body["model"] for r in server.requests} == {"tiny"}
+    with pytest.raises(GeneratorError, match="^unknown generator spec 'vllm:x'; accepted forms"):
+        run(tmp_path / "bad", qwen_pair, generator="vllm:x")
 
 
 def test_rejudge_rescores_without_regenerating(tmp_path, qwen_pair):
@@ -384,8 +425,8 @@ def test_role_state_of_other_layers_is_refused(tmp_path, qwen_pair):
         ("", "cannot read the layer selection"),
         ([], "empty"),
         ([1.5], "must be block indices"),
-        ("9", r"--layers '9': layer=9 is out of range for a model with 4 decoder blocks"),
-        ("3:1", "--layers '3:1': layer range '3:1' is empty"),
+        ("9", r"`layers` '9': layer=9 is out of range for a model with 4 decoder blocks"),
+        ("3:1", "`layers` '3:1': layer range '3:1' is empty"),
         ("2:9", "past the end"),
     ],
 )

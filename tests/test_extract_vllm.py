@@ -205,6 +205,7 @@ def test_cli_run_survives_sigkill_and_resumes_without_redoing_work(tmp_path, pai
         lines = (out / "responses" / f"{name}.jsonl").read_text().splitlines()
         assert [json.loads(line)["id"] for line in lines] == list(state.records)
     assert sorted(p.name for p in out.iterdir()) == [
+        ".persona-compass.lock",  # free again: the rerun above opened the folder
         "activations",
         "bundle",
         "progress.json",

@@ -10,7 +10,9 @@ import torch
 from openai_stub import stub_server
 from tiny import make_pair
 
+from persona_compass.backends import accepted_forms
 from persona_compass.errors import PersonaCompassError
+from persona_compass.persona_space import judges
 from persona_compass.persona_space.judges import (
     JUDGE_PROMPT,
     HeuristicJudge,
@@ -264,6 +266,30 @@ def test_make_judge_openai_specs():
     assert default.name == "openai:https://api.openai.com/v1#gpt-4.1-mini"
     with pytest.raises(JudgeError, match="http"):
         make_judge("openai:ftp://example.org/v1")
+
+
+def test_make_judge_routes_through_the_backend_parser(monkeypatch):
+    calls = []
+    real = judges.parse_backend_spec
+
+    def spy(text, **kwargs):
+        calls.append((text, kwargs))
+        return real(text, **kwargs)
+
+    monkeypatch.setattr(judges, "parse_backend_spec", spy)
+    assert isinstance(make_judge("heuristic"), HeuristicJudge)
+    assert calls == [
+        (
+            "heuristic",
+            {
+                "param": "judge",
+                "allowed": ("none", "heuristic", "model", "openai"),
+                "default_model": "gpt-4.1-mini",
+                "error": JudgeError,
+            },
+        )
+    ]
+    assert judges.SPEC_FORMS == accepted_forms(judges.JUDGE_KINDS, default_model="gpt-4.1-mini")
 
 
 @pytest.mark.parametrize("spec", ["", "bogus", "gpt-4.1-mini", "model:", "model:   "])

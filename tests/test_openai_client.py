@@ -10,14 +10,7 @@ from email.utils import formatdate
 import pytest
 from openai_stub import Failure, stub_server
 
-from persona_compass.errors import PersonaCompassError
-from persona_compass.generation import SamplingConfig
-from persona_compass.persona_space.generators import (
-    GeneratorError,
-    OpenAIGenerator,
-    parse_generator_spec,
-)
-from persona_compass.persona_space.openai_client import (
+from persona_compass.backends.openai_client import (
     OpenAIClient,
     OpenAIError,
     RateLimiter,
@@ -25,6 +18,10 @@ from persona_compass.persona_space.openai_client import (
     split_url_model,
     validate_base_url,
 )
+from persona_compass.errors import PersonaCompassError
+from persona_compass.generation import SamplingConfig
+from persona_compass.persona_space import generators
+from persona_compass.persona_space.generators import GeneratorError, OpenAIGenerator
 
 KEY_ENV = "PERSONA_COMPASS_TEST_KEY"
 
@@ -320,18 +317,43 @@ def test_split_url_model():
 # ------------------------------------------------------------------------ generator
 
 
-def test_parse_generator_spec():
-    assert parse_generator_spec("openai:http://127.0.0.1:8000/v1#llama3:8b") == (
-        "http://127.0.0.1:8000/v1",
-        "llama3:8b",
-    )
-    assert parse_generator_spec("OpenAI:https://api.example.com/v1") == (
-        "https://api.example.com/v1",
-        None,
-    )
-    for bad in ["http://127.0.0.1:8000/v1", "vllm:http://x/v1", "openai:", "openai:nohost"]:
-        with pytest.raises(GeneratorError, match="openai:|http"):
-            parse_generator_spec(bad)
+def test_generator_spec_routes_through_the_backend_parser(monkeypatch):
+    calls = []
+    real = generators.parse_backend_spec
+
+    def spy(text, **kwargs):
+        calls.append((text, kwargs))
+        return real(text, **kwargs)
+
+    monkeypatch.setattr(generators, "parse_backend_spec", spy)
+    gen = OpenAIGenerator.from_spec("openai:http://127.0.0.1:8000/v1#llama3:8b")
+    assert (gen.client.base_url, gen.client.model) == ("http://127.0.0.1:8000/v1", "llama3:8b")
+    assert gen.name == "openai:http://127.0.0.1:8000/v1#llama3:8b"
+    gen.close()
+    assert calls == [
+        (
+            "openai:http://127.0.0.1:8000/v1#llama3:8b",
+            {
+                "param": "generator",
+                "allowed": ("openai",),
+                "default_model": None,
+                "error": GeneratorError,
+            },
+        )
+    ]
+
+
+def test_generator_spec_default_model_and_errors():
+    # no '#model': the caller's default (extraction passes the studied model's id), else none
+    gen = OpenAIGenerator.from_spec("OpenAI:https://api.example.com/v1", default_model="m-id")
+    assert (gen.client.base_url, gen.client.model) == ("https://api.example.com/v1", "m-id")
+    assert OpenAIGenerator.from_spec("openai:https://api.example.com/v1").client.model is None
+    for bad in ["http://127.0.0.1:8000/v1", "vllm:http://x/v1", "model:self", "heuristic"]:
+        with pytest.raises(GeneratorError, match=f"^unknown generator spec {bad!r}; accepted "):
+            OpenAIGenerator.from_spec(bad)
+    for bad in ["openai:", "openai:nohost"]:
+        with pytest.raises(GeneratorError, match=f"^generator spec {bad!r}: .*http"):
+            OpenAIGenerator.from_spec(bad)
 
 
 def test_generator_passes_sampling_params_and_keeps_order():

@@ -77,20 +77,34 @@ class AlertRules:
 
 @dataclass(frozen=True)
 class Alert:
-    """One alert: which rule, at which turn (message index), why, and the value that tripped it."""
+    """One alert: which rule, at which turn (message index), why, and the value that tripped it.
+
+    ``needle`` names the trait axis that raised it; ``None`` is the Assistant Axis.
+    """
 
     kind: str
     turn: int
     message: str
     value: float
+    needle: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.needle is None:  # Assistant Axis alerts keep their original layout
+            del data["needle"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Alert:
         """The inverse of :meth:`to_dict` (for validated transcript readings)."""
-        return cls(str(data["kind"]), int(data["turn"]), str(data["message"]), float(data["value"]))
+        needle = data.get("needle")
+        return cls(
+            str(data["kind"]),
+            int(data["turn"]),
+            str(data["message"]),
+            float(data["value"]),
+            None if needle is None else str(needle),
+        )
 
 
 def longest_run_below(values: Iterable[float], limit: float) -> int:
@@ -105,6 +119,11 @@ def longest_run_below(values: Iterable[float], limit: float) -> int:
 class AlertTracker:
     """Apply :class:`AlertRules` to the assistant turns of one conversation, in order.
 
+    The Assistant Axis drifts downward, so its rules fire on low percentiles. A trait needle
+    (``needle="sycophancy"``) drifts upward: its tracker applies the same rules mirrored
+    (``turn_percentile=25`` fires above the 75th percentile, a trend is a rise), and its
+    alerts carry the needle's name.
+
     Example:
         >>> tracker = AlertTracker(AlertRules(), callbacks=[print])
         >>> tracker.observe(turn=3, turn_percentile=4.0, token_percentiles=[3.0] * 20)
@@ -114,11 +133,24 @@ class AlertTracker:
         self,
         rules: AlertRules | None = None,
         callbacks: Sequence[Callable[[Alert], None]] = (),
+        *,
+        needle: str | None = None,
     ) -> None:
         self.rules = rules or AlertRules()
         self.callbacks = list(callbacks)
-        self.history: list[float] = []  # turn percentiles, in order
+        self.needle = needle
+        self.history: list[float] = []  # turn percentiles (mirrored for a trait), in order
         self.alerts: list[Alert] = []
+
+    def _side(self, limit: float) -> str:
+        """How a threshold reads: "below the 25th" (Assistant) or "above the 75th" (trait)."""
+        if self.needle is None:
+            return f"below the {limit:g}th percentile"
+        return f"above the {100 - limit:g}th percentile of {self.needle}"
+
+    def _shown(self, pct: float) -> float:
+        """A mirrored percentile back on the scale the user reads."""
+        return pct if self.needle is None else 100 - pct
 
     def observe(
         self,
@@ -133,6 +165,9 @@ class AlertTracker:
         """
         rules = self.rules
         pct = float("nan") if turn_percentile is None else float(turn_percentile)
+        if self.needle is not None:  # mirror: a high trait reading is the drift
+            pct = 100 - pct
+            token_percentiles = [100 - p for p in token_percentiles]
         self.history.append(pct)
         raised: list[Alert] = []
         if rules.token_run:
@@ -142,8 +177,9 @@ class AlertTracker:
                     Alert(
                         "tokens",
                         turn,
-                        f"{run} tokens in a row below the {rules.token_percentile:g}th percentile",
+                        f"{run} tokens in a row {self._side(rules.token_percentile)}",
                         float(run),
+                        self.needle,
                     )
                 )
         recent = self.history[-rules.turn_run :] if rules.turn_run else []
@@ -156,9 +192,10 @@ class AlertTracker:
                 Alert(
                     "turns",
                     turn,
-                    f"{rules.turn_run} turn(s) in a row below the {rules.turn_percentile:g}th "
-                    f"percentile (now {pct:.0f})",
-                    pct,
+                    f"{rules.turn_run} turn(s) in a row {self._side(rules.turn_percentile)} "
+                    f"(now {self._shown(pct):.0f})",
+                    self._shown(pct),
+                    self.needle,
                 )
             )
         window = self.history[-(rules.trend_turns + 1) :] if rules.trend_turns else []
@@ -170,9 +207,12 @@ class AlertTracker:
                     Alert(
                         "trend",
                         turn,
-                        f"falling for {rules.trend_turns} turns: {window[0]:.0f} -> "
-                        f"{window[-1]:.0f} percentile",
+                        f"{'falling' if self.needle is None else 'rising'} for "
+                        f"{rules.trend_turns} turns: {self._shown(window[0]):.0f} -> "
+                        f"{self._shown(window[-1]):.0f} percentile"
+                        + ("" if self.needle is None else f" of {self.needle}"),
                         drop,
+                        self.needle,
                     )
                 )
         self.alerts.extend(raised)

@@ -27,15 +27,13 @@ from torch import Tensor, nn
 
 from . import __version__
 from .atomic import atomic_dir, copy_contents, read_json_object
-from .calibration import CALIBRATION_FILE, Calibration
+from .bundle_format import AXIS_FILE, BUNDLE_FILE, BUNDLE_FORMAT_VERSION, CALIBRATION_FILE
+from .calibration import Calibration
 from .errors import AxisFileError, LayerError, PersonaCompassError, UnsafeFileError
 from .layers import find_decoder_blocks, normalize_layer
 
 logger = logging.getLogger(__name__)
 
-AXIS_FILE = "axis.safetensors"
-BUNDLE_FILE = "bundle.json"
-BUNDLE_FORMAT_VERSION = 1
 AXIS_KEY = "axis"
 RESIDUAL_NORMS_KEY = "residual_norms"
 _RESERVED = (AXIS_KEY, RESIDUAL_NORMS_KEY)
@@ -421,10 +419,12 @@ class Axis:
         with atomic_dir(target) as tmp:
             if target.is_dir():
                 copy_contents(target, tmp, skip=own)
+            # One metadata key: safetensors writes several in a random order, and the same
+            # axis must give the same bytes (bundle digests). bundle.json has the version.
             save_file(
                 self._tensors(),
                 str(tmp / AXIS_FILE),
-                metadata={"format": "persona-compass-axis", "library_version": __version__},
+                metadata={"format": "persona-compass-axis"},
             )
             (tmp / BUNDLE_FILE).write_text(
                 json.dumps(self.bundle_info(), indent=2) + "\n", encoding="utf-8"
@@ -440,8 +440,13 @@ class Axis:
         model: nn.Module | None = None,
         strict: bool = True,
     ) -> Axis:
-        """Read an axis bundle folder; with ``model``, check that it fits (see check_model)."""
+        """Read an axis bundle folder (or a shipped bundle's alias, e.g. ``"smollm2-135m"``);
+        with ``model``, check that it fits (see check_model)."""
+        from .bundles import shipped_bundles
+
         folder = Path(path)
+        if not folder.exists() and str(path) in shipped_bundles():
+            folder = shipped_bundles()[str(path)]
         if not folder.exists():
             raise AxisFileError(
                 f"no axis bundle at {folder}; make one with `persona-compass extract` or "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from .bundle_format import BUNDLE_FILE
 from .errors import AxisFileError
 
 SHIPPED_DIR = "data/bundles"
@@ -15,7 +16,7 @@ def shipped_bundles() -> dict[str, Path]:
     root = Path(str(resources.files("persona_compass") / SHIPPED_DIR))
     if not root.is_dir():
         return {}
-    return {p.name: p for p in sorted(root.iterdir()) if (p / "bundle.json").is_file()}
+    return {p.name: p for p in sorted(root.iterdir()) if (p / BUNDLE_FILE).is_file()}
 
 
 def resolve_bundle(spec: str | Path) -> Path:
@@ -28,6 +29,6 @@ def resolve_bundle(spec: str | Path) -> Path:
         return shipped[str(spec)]
     names = ", ".join(shipped) or "none"
     raise AxisFileError(
-        f"--axis {spec}: no such bundle folder, and not a shipped bundle alias (shipped: {names}); "
+        f"{spec}: no such bundle folder, and not a shipped bundle alias (shipped: {names}); "
         "pass the folder that `persona-compass extract` wrote (OUT/bundle)"
     )

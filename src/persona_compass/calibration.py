@@ -19,10 +19,9 @@ import torch
 from torch import Tensor
 
 from .atomic import read_json_object, write_json
+from .bundle_format import CALIBRATION_FILE, CALIBRATION_FORMAT_VERSION
 from .errors import AxisFileError
 
-CALIBRATION_FILE = "calibration.json"
-CALIBRATION_FORMAT_VERSION = 1
 DEFAULT_GRID: tuple[float, ...] = tuple(float(p) for p in range(101))
 
 

@@ -26,15 +26,17 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .atomic import atomic_path, read_json_object, write_json
-from .axis import AXIS_FILE, AXIS_KEY, Axis, safe_torch_load, unit_rows
+from .axis import AXIS_KEY, Axis, safe_torch_load, unit_rows
+from .bundle_format import (
+    AXIS_FILE,
+    CAPPING_FILE,
+    CAPPING_FORMAT_VERSION,
+    CAPPING_VECTORS_FILE,
+)
 from .calibration import Calibration, quantiles
 from .errors import CappingConfigError
 from .interventions import CapCeiling, CapFloor, Operator
 from .layers import normalize_layers
-
-CAPPING_FILE = "capping.json"
-CAPPING_VECTORS_FILE = "capping.safetensors"
-CAPPING_FORMAT_VERSION = 1
 
 Form = Literal["floor", "ceiling"]
 
@@ -236,14 +238,17 @@ class CappingConfig:
         *,
         name: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        form: Form = "floor",
     ) -> CappingConfig:
-        """Floors on the axis' unit vectors.
+        """Floors (or ceilings) on the axis' unit vectors.
 
         Args:
-            axis: the Assistant Axis.
+            axis: the Assistant Axis (or a trait axis, usually with ``form="ceiling"``).
             layers: blocks to cap (int, list, ``"16:24"``, ``"all"``), sorted and deduplicated.
             thresholds: one number for every layer, or one per layer in sorted layer order.
             name: default ``capping_id(layers)``.
+            form: ``"floor"`` keeps ``h·v >= tau`` (the Assistant Axis must not fall);
+                ``"ceiling"`` keeps ``h·v <= tau`` (a trait must not rise).
         """
         chosen = normalize_layers(layers, axis.n_layers)
         if isinstance(thresholds, bool):
@@ -261,7 +266,7 @@ class CappingConfig:
             layers=tuple(chosen),
             vectors=axis.units()[chosen],
             thresholds=taus,
-            form="floor",
+            form=form,
             name=capping_id(chosen) if name is None else name,
             metadata=dict(metadata or {}),
         )
@@ -275,11 +280,15 @@ class CappingConfig:
         percentile: float = 25.0,
         *,
         name: str | None = None,
+        form: Form = "floor",
     ) -> CappingConfig:
         """Floors on the axis at a percentile of reference projections, per layer.
 
+        With ``form="ceiling"`` the thresholds are ceilings instead: a trait axis capped at,
+        say, its 75th percentile keeps every token at or below that much of the trait.
+
         Args:
-            axis: the Assistant Axis.
+            axis: the Assistant Axis (or a trait axis, with ``form="ceiling"``).
             projections: a :class:`Calibration`, or (N, n_layers) projections of reference
                 (role-play) rollouts on the axis; a tensor gives exact percentiles.
             layers: the window to cap, e.g. ``"16:24"`` (half-open) or a list.
@@ -332,6 +341,7 @@ class CappingConfig:
             taus,
             name=capping_id(chosen, p) if name is None else name,
             metadata=meta,
+            form=form,
         )
 
     # ---- research release format ------------------------------------------------------------

@@ -18,6 +18,7 @@ from torch import nn
 
 from .alerts import AlertRules
 from .axis import Axis
+from .bundle import Bundle
 from .capping import CappingConfig
 from .compass import CompassSession
 from .errors import AxisFileError
@@ -129,21 +130,18 @@ def load_or_build_quick_bundle(
 
     shipped = shipped_bundles().get(alias)
     if shipped is not None and not rebuild:
-        return (
-            Axis.load(shipped, model=model),
-            CappingConfig.load(shipped),
-            f"shipped bundle {alias}",
-        )
+        bundle = Bundle.open(shipped, model=model)
+        return bundle.axis, bundle.require_capping(), f"shipped bundle {alias}"
     path = demo_bundle_dir(alias)
     if not rebuild and path.exists():
         try:
-            axis = Axis.load(path, model=model)
-            return axis, CappingConfig.load(path), f"cached quick axis {path}"
+            bundle = Bundle.open(path, model=model)
         except AxisFileError as exc:
             logger.warning("rebuilding the cached quick bundle: %s", exc)
+        else:
+            return bundle.axis, bundle.require_capping(), f"cached quick axis {path}"
     result = build_quick_axis(
         model, tokenizer, model_id=alias, model_name=model_name, progress=progress
     )
-    result.axis.save(path)
-    result.capping.save(path)
+    Bundle(result.axis, result.capping).save(path)  # axis and capping appear together
     return result.axis, result.capping, f"quick axis built now, cached in {path}"

@@ -3,6 +3,11 @@
 Every problem caused by something a user handed in (a model spec, an axis file, a transcript,
 a config) raises a subclass of :class:`PersonaCompassError` whose message names the problem and
 says how to fix it. The command line turns these into one error line and a non-zero exit.
+
+A message puts the Python parameters a caller can change in backticks, as in
+"`out` /x already exists; pass `force=True` to replace it"; the command line shows the flags of
+the command that ran instead ("--out /x already exists; pass --force to replace it"), see
+:mod:`persona_compass.cli.param_flags`.
 """
 
 from __future__ import annotations

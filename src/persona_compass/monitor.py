@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from types import TracebackType
 from typing import Any
@@ -30,6 +30,28 @@ from .layers import block_output, find_decoder_blocks, normalize_layer
 
 logger = logging.getLogger(__name__)
 
+MAIN = -1
+"""In a layer's needle group, the monitor's own axis (trait needles are 0, 1, ...)."""
+
+
+def needle_names(traits: Sequence[Axis]) -> tuple[str, ...]:
+    """Each trait axis' name (its bundle's ``trait``); two needles with one name are refused."""
+    names = []
+    for i, trait in enumerate(traits):
+        meta = trait.metadata or {}
+        if meta.get("kind") != "trait" or not meta.get("trait"):
+            raise PersonaCompassError(
+                f"traits[{i}] is not a trait axis (its bundle has no kind 'trait'); pass "
+                "bundles made by `persona-compass extract --trait NAME`"
+            )
+        names.append(str(meta["trait"]))
+    doubled = sorted({n for n in names if names.count(n) > 1})
+    if doubled:
+        raise PersonaCompassError(
+            f"trait needle(s) {', '.join(doubled)} given twice; pass each once"
+        )
+    return tuple(names)
+
 
 @dataclass(frozen=True)
 class TokenReadings:
@@ -40,11 +62,25 @@ class TokenReadings:
 
 
 @dataclass(frozen=True)
+class TraitReading:
+    """One trait needle's reading of a turn: its mean projection and percentile (high = more
+    of the trait)."""
+
+    projection: float
+    percentile: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        proj = None if math.isnan(self.projection) else self.projection
+        return {"projection": proj, "percentile": self.percentile}
+
+
+@dataclass(frozen=True)
 class TurnReading:
     """One turn on the compass: its mean projection, percentile, capping state and alerts.
 
     ``index`` is the turn's message index; ``cap_engagement`` is the fraction of the turn's
     capped token-layer activations that the floor raised (None when the turn was not capped).
+    ``traits`` holds the trait needles' readings by name (empty without trait axes).
     """
 
     index: int
@@ -55,10 +91,12 @@ class TurnReading:
     capped: bool = False
     cap_engagement: float | None = None
     alerts: tuple[Alert, ...] = field(default=())
+    traits: Mapping[str, TraitReading] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The transcript layout of a reading (JSON-ready; NaN becomes null)."""
         proj = None if math.isnan(self.projection) else self.projection
+        traits = {"traits": {k: v.to_dict() for k, v in self.traits.items()}} if self.traits else {}
         return {
             "index": self.index,
             "role": self.role,
@@ -68,6 +106,7 @@ class TurnReading:
             "capped": self.capped,
             "cap_engagement": self.cap_engagement,
             "alerts": [a.to_dict() for a in self.alerts],
+            **traits,
         }
 
     @classmethod
@@ -76,6 +115,13 @@ class TurnReading:
         projection = data["projection"]
         percentile = data.get("percentile")
         engagement = data.get("cap_engagement")
+        traits = {
+            str(name): TraitReading(
+                math.nan if t.get("projection") is None else float(t["projection"]),
+                None if t.get("percentile") is None else float(t["percentile"]),
+            )
+            for name, t in (data.get("traits") or {}).items()
+        }
         return cls(
             index=int(data["index"]),
             role=str(data["role"]),
@@ -85,6 +131,7 @@ class TurnReading:
             capped=bool(data.get("capped", False)),
             cap_engagement=None if engagement is None else float(engagement),
             alerts=tuple(Alert.from_dict(a) for a in data.get("alerts", ())),
+            traits=traits,
         )
 
     def shifted(self, offset: int) -> TurnReading:
@@ -105,6 +152,10 @@ class DriftMonitor:
         calibration: the percentile scale (default: the axis bundle's calibration).
         rules: alert rules for :meth:`end_turn` (default :class:`AlertRules`).
         on_alert: called with every :class:`Alert` raised.
+        traits: trait axes (bundles of ``kind: "trait"``) read beside the axis, each at its
+            own monitor layer. Axes that share a layer are read with one stacked matmul per
+            forward; each needle has its own calibration and alert tracker, whose rules fire
+            when the trait goes *high* (see :class:`~persona_compass.alerts.AlertTracker`).
 
     Example:
         >>> with DriftMonitor(model, axis) as mon:
@@ -127,12 +178,18 @@ class DriftMonitor:
         calibration: Calibration | None = None,
         rules: AlertRules | None = None,
         on_alert: Callable[[Alert], None] | None = None,
+        traits: Sequence[Axis] = (),
     ) -> None:
         blocks = find_decoder_blocks(model, block_path)
         axis.check_model(model)
+        for trait in traits:
+            trait.check_model(model)
         chosen = normalize_layer(axis.layer if layer is None else layer, len(blocks))
-        self._setup(axis, chosen, calibration, rules, on_alert, capacity)
+        self._setup(axis, chosen, calibration, rules, on_alert, capacity, traits)
         self._block: nn.Module | None = blocks[self.layer]
+        self._blocks: dict[int, nn.Module] = {
+            at: blocks[at] for at in self._groups if at != self.layer
+        }
 
     def _setup(
         self,
@@ -142,15 +199,30 @@ class DriftMonitor:
         rules: AlertRules | None,
         on_alert: Callable[[Alert], None] | None,
         capacity: int,
+        traits: Sequence[Axis] = (),
     ) -> None:
         self.layer = layer
         self.axis = axis
         self.calibration = calibration if calibration is not None else axis.calibration
-        self.tracker = AlertTracker(rules, [on_alert] if on_alert is not None else [])
+        callbacks = [on_alert] if on_alert is not None else []
+        self.tracker = AlertTracker(rules, callbacks)
         self.turns: list[TurnReading] = []
         self._buffer = DeviceBuffer(torch.float32, capacity)
         self._unit: torch.Tensor | None = None
         self._handle: Any = None
+        self.traits = tuple(traits)
+        self.trait_names = needle_names(self.traits)
+        self.trait_layers = tuple(normalize_layer(t.layer, t.n_layers) for t in self.traits)
+        self._trait_buffers = [DeviceBuffer(torch.float32, capacity) for _ in self.traits]
+        self._trait_trackers = [
+            AlertTracker(rules, callbacks, needle=name) for name in self.trait_names
+        ]
+        # layer -> the needles read there (MAIN = the axis itself), one stacked matmul each
+        self._groups: dict[int, list[int]] = {layer: [MAIN]} if self.traits else {}
+        for i, at in enumerate(self.trait_layers):
+            self._groups.setdefault(at, []).append(i)
+        self._stacks: dict[int, torch.Tensor] = {}
+        self._trait_handles: list[Any] = []
 
     @classmethod
     def from_projections(
@@ -190,7 +262,14 @@ class DriftMonitor:
                 "this DriftMonitor reads projections measured elsewhere and has no model "
                 "to watch; make one with DriftMonitor(model, axis)"
             )
-        self._handle = self._block.register_forward_hook(self._hook)
+        if self._groups:
+            self._handle = self._block.register_forward_hook(self._stacked_hook(self.layer))
+            self._trait_handles = [
+                block.register_forward_hook(self._stacked_hook(at))
+                for at, block in self._blocks.items()
+            ]
+        else:
+            self._handle = self._block.register_forward_hook(self._hook)
         return self
 
     def __exit__(
@@ -206,6 +285,9 @@ class DriftMonitor:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        for handle in self._trait_handles:
+            handle.remove()
+        self._trait_handles = []
 
     # -- recording -------------------------------------------------------------------------
     def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -215,6 +297,31 @@ class DriftMonitor:
         proj = hidden.detach().float() @ self._unit  # (B, T): stays on the device
         if self._buffer.append(proj):
             logger.warning("batch size changed to %d: readings reset", proj.shape[0])
+
+    def _stacked_hook(self, layer: int) -> Callable[[nn.Module, Any, Any], None]:
+        """The hook of one layer when trait needles are read: every needle of that layer in
+        one (hidden @ stacked units) matmul, each column appended to its needle's buffer."""
+        members = self._groups[layer]
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            hidden = block_output(output)
+            stack = self._stacks.get(layer)
+            if stack is None or stack.device != hidden.device:
+                units = [
+                    (self.axis if i == MAIN else self.traits[i]).unit(
+                        self.layer if i == MAIN else layer
+                    )
+                    for i in members
+                ]
+                stack = torch.stack(units, dim=1).to(hidden.device, torch.float32)
+                self._stacks[layer] = stack
+            proj = hidden.detach().float() @ stack  # (B, T, k): stays on the device
+            for column, i in enumerate(members):
+                buffer = self._buffer if i == MAIN else self._trait_buffers[i]
+                if buffer.append(proj[..., column]) and i == MAIN:
+                    logger.warning("batch size changed to %d: readings reset", proj.shape[0])
+
+        return hook
 
     # -- readings --------------------------------------------------------------------------
     @property
@@ -234,14 +341,34 @@ class DriftMonitor:
             return torch.empty(0, 0)
         return data[:, : self._buffer.length].clone()
 
+    def trait_token_projections(self, name: str) -> torch.Tensor:
+        """One trait needle's per-token projections so far: (batch, n_tokens) float32."""
+        buffer = self._trait_buffers[self._needle(name)]
+        if buffer.data is None:
+            return torch.empty(0, 0)
+        return buffer.data[:, : buffer.length].clone()
+
+    def _needle(self, name: str) -> int:
+        if name not in self.trait_names:
+            known = ", ".join(self.trait_names) or "none"
+            raise PersonaCompassError(f"no trait needle named {name!r} (this monitor has: {known})")
+        return self.trait_names.index(name)
+
     def reset(self) -> None:
-        """Forget the token buffer (the hook stays attached; turns and alerts are kept)."""
+        """Forget the token buffers (the hooks stay attached; turns and alerts are kept)."""
         self._buffer.reset()
+        for buffer in self._trait_buffers:
+            buffer.reset()
 
     @property
     def alerts(self) -> list[Alert]:
-        """Every alert raised so far by :meth:`end_turn`."""
-        return self.tracker.alerts
+        """Every alert raised so far by :meth:`end_turn` (trait needles' ones included)."""
+        if not self.traits:
+            return self.tracker.alerts
+        everything = [*self.tracker.alerts]
+        for tracker in self._trait_trackers:
+            everything.extend(tracker.alerts)
+        return sorted(everything, key=lambda a: a.turn)
 
     def percentile(self, value: float) -> float | None:
         """A projection's percentile at the monitor layer, or None without a calibration."""
@@ -266,6 +393,18 @@ class DriftMonitor:
             pcts = self.calibration.percentile_of(values, self.layer).cpu().tolist()
         return TokenReadings(values.cpu().tolist(), pcts)
 
+    def read_traits(self, start: int, end: int, row: int = 0) -> dict[str, TokenReadings]:
+        """Every trait needle's projections and percentiles over ``[start, end)``."""
+        out = {}
+        for i, (name, trait) in enumerate(zip(self.trait_names, self.traits, strict=True)):
+            values = self._trait_buffers[i].row(row, start, end)
+            calibration = trait.calibration
+            pcts = None
+            if calibration is not None and values.numel():
+                pcts = calibration.percentile_of(values, self.trait_layers[i]).cpu().tolist()
+            out[name] = TokenReadings(values.cpu().tolist(), pcts)
+        return out
+
     def measure_turn(
         self,
         tokens: TokenReadings,
@@ -274,18 +413,34 @@ class DriftMonitor:
         role: str = "assistant",
         capped: bool = False,
         cap_engagement: float | None = None,
+        trait_tokens: Mapping[str, TokenReadings] | None = None,
     ) -> TurnReading:
         """A turn's reading from its token readings; assistant turns go through the alert rules.
 
-        The reading is not kept (see :meth:`end_turn`).
+        ``trait_tokens`` are the trait needles' readings of the same tokens (see
+        :meth:`read_traits`). The reading is not kept (see :meth:`end_turn`).
         """
         n = len(tokens.projections)
         projection = sum(tokens.projections) / n if n else float("nan")
         percentile = self.percentile(projection)
-        alerts: tuple[Alert, ...] = ()
+        alerts: list[Alert] = []
         if role == "assistant":
-            alerts = tuple(self.tracker.observe(index, percentile, tokens.percentiles or ()))
-        return TurnReading(index, role, projection, percentile, n, capped, cap_engagement, alerts)
+            alerts += self.tracker.observe(index, percentile, tokens.percentiles or ())
+        traits: dict[str, TraitReading] = {}
+        for name, readings in (trait_tokens or {}).items():
+            i = self._needle(name)
+            values = readings.projections
+            mean = sum(values) / len(values) if values else float("nan")
+            calibration = self.traits[i].calibration
+            pct = None
+            if calibration is not None and not math.isnan(mean):
+                pct = float(calibration.percentile_of(mean, self.trait_layers[i]))
+            traits[name] = TraitReading(mean, pct)
+            if role == "assistant":
+                alerts += self._trait_trackers[i].observe(index, pct, readings.percentiles or ())
+        return TurnReading(
+            index, role, projection, percentile, n, capped, cap_engagement, tuple(alerts), traits
+        )
 
     def end_turn(
         self,
@@ -307,7 +462,12 @@ class DriftMonitor:
         if tokens is None:
             tokens = self.read(start, end, row)
         reading = self.measure_turn(
-            tokens, index=index, role=role, capped=capped, cap_engagement=cap_engagement
+            tokens,
+            index=index,
+            role=role,
+            capped=capped,
+            cap_engagement=cap_engagement,
+            trait_tokens=self.read_traits(start, end, row) if self.traits else None,
         )
         self.turns.append(reading)
         return reading
@@ -317,16 +477,21 @@ class DriftMonitor:
 class TurnProjection:
     """The mean projection of one turn's content tokens.
 
-    ``index`` is the turn's position in the conversation's message list.
+    ``index`` is the turn's position in the conversation's message list; ``traits`` maps
+    each trait needle's name to its mean projection over the same tokens.
     """
 
     index: int
     role: str
     projection: float
     n_tokens: int
+    traits: Mapping[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not self.traits:  # the layout without trait needles stays as it was
+            del data["traits"]
+        return data
 
 
 def _windows(n_tokens: int, window: int) -> list[tuple[int, int, int, int]]:
@@ -368,18 +533,45 @@ def token_projections(
 ) -> torch.Tensor:
     """Projections of every token of one sequence at one layer: (n_tokens,) float32, on CPU.
 
+    :func:`needle_projections` reads trait needles in the same pass.
+
     Sequences longer than ``max_context`` (default: the model's context length) are processed
     in half-overlapping windows (see :func:`_windows`), never silently cut: each window costs
     the same, so the time grows linearly with the length (about twice a single pass, since
     windows overlap by half). ``progress`` shows a bar over the tokens (stderr) when there is
     more than one window.
     """
+    return needle_projections(
+        model,
+        axis,
+        input_ids,
+        layer=layer,
+        max_context=max_context,
+        block_path=block_path,
+        progress=progress,
+    )[0]
+
+
+@torch.inference_mode()
+def needle_projections(
+    model: nn.Module,
+    axis: Axis,
+    input_ids: Sequence[int],
+    *,
+    traits: Sequence[Axis] = (),
+    layer: int | None = None,
+    max_context: int | None = None,
+    block_path: str | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """:func:`token_projections` of the axis and of each trait needle, from one pass:
+    (1 + len(traits), n_tokens) float32 on CPU, the axis first, the traits in order."""
     window = max_context or context_length(model) or len(input_ids)
     if window < 2:
         raise PersonaCompassError(f"max_context={window} is too small; use at least 2 tokens")
     device = next(model.parameters()).device
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
-    out = torch.empty(ids.shape[1], dtype=torch.float32)
+    out = torch.empty(1 + len(traits), ids.shape[1], dtype=torch.float32)
     spans = _windows(ids.shape[1], window)
     if len(spans) > 1:
         logger.info(
@@ -394,12 +586,14 @@ def token_projections(
         disable=not progress or len(spans) < 2,
         dynamic_ncols=True,
     )
-    with bar, DriftMonitor(model, axis, layer, block_path=block_path) as mon:
+    with bar, DriftMonitor(model, axis, layer, block_path=block_path, traits=traits) as mon:
         for win_start, win_end, keep_start, keep_end in spans:
             mon.reset()
             model(input_ids=ids[:, win_start:win_end], use_cache=False)
-            proj = mon.token_projections()[0].cpu()
-            out[keep_start:keep_end] = proj[keep_start - win_start : keep_end - win_start]
+            rows = [mon.token_projections()[0]]
+            rows += [mon.trait_token_projections(name)[0] for name in mon.trait_names]
+            proj = torch.stack(rows).cpu()
+            out[:, keep_start:keep_end] = proj[:, keep_start - win_start : keep_end - win_start]
             bar.update(keep_end - keep_start)
     return out
 
@@ -416,6 +610,7 @@ def project_conversation(
     block_path: str | None = None,
     max_tokens: int | None = None,
     progress: bool = False,
+    traits: Sequence[Axis] = (),
 ) -> list[TurnProjection]:
     """Per-turn mean projections of a conversation's content tokens, in one forward pass.
 
@@ -429,6 +624,7 @@ def project_conversation(
         max_context: window size for long conversations (default: the model's context).
         max_tokens: refuse conversations longer than this many tokens (None: no limit).
         progress: show a progress bar for conversations longer than one window.
+        traits: trait needles read in the same pass (each at its own monitor layer).
 
     Returns:
         One :class:`TurnProjection` per selected turn, in conversation order. A turn with no
@@ -439,23 +635,27 @@ def project_conversation(
     if max_tokens is not None and n_tokens > max_tokens:
         raise PersonaCompassError(
             f"the conversation has {n_tokens:,} tokens, over the limit of {max_tokens:,}; "
-            "split it, or raise the limit (monitor --max-tokens N; reading costs time "
+            "split it, or raise the limit (`max_tokens=N`; reading costs time "
             "linear in the length)"
         )
-    proj = token_projections(
+    proj = needle_projections(
         model,
         axis,
         rendered.input_ids,
+        traits=traits,
         layer=layer,
         max_context=max_context,
         block_path=block_path,
         progress=progress,
     )
+    names = needle_names(traits)
     turns = []
     for span in rendered.spans:
         if roles is not None and span.role not in roles:
             continue
-        values = proj[span.start : span.end]
-        mean = float(values.mean()) if values.numel() else float("nan")
-        turns.append(TurnProjection(span.index, span.role, mean, int(values.numel())))
+        values = proj[:, span.start : span.end]
+        n = int(values.shape[1])
+        means = values.mean(dim=1).tolist() if n else [float("nan")] * values.shape[0]
+        needles = dict(zip(names, means[1:], strict=True))
+        turns.append(TurnProjection(span.index, span.role, means[0], n, needles))
     return turns

@@ -11,11 +11,16 @@ from rich.console import Console
 from rich.table import Table
 
 from .app import main
+from .axis_hub_cmd import calibrate, check_local_import, hub_import_options, push, run_hub_import
 
 
 @main.group()
 def axis() -> None:
-    """Inspect axis bundles and import reference axis files."""
+    """Inspect, import, calibrate and publish axis bundles."""
+
+
+axis.add_command(calibrate)
+axis.add_command(push)
 
 
 def axis_summary(bundle: Any, capping: Any | None) -> dict[str, Any]:
@@ -35,6 +40,11 @@ def axis_summary(bundle: Any, capping: Any | None) -> dict[str, Any]:
         "vectors": sorted(bundle.vectors),
         "metadata": dict(bundle.metadata),
     }
+    if bundle.metadata.get("kind") == "trait":  # a trait axis has no persona space (no PCs)
+        summary = {"kind": "trait", "trait": bundle.metadata.get("trait"), **summary}
+        for key in ("pc1_cosine", "pc_cosines"):
+            del summary[key]
+        summary["cosines"] = bundle.metadata.get("cosines")
     if capping is not None:
         summary["capping"] = {
             "name": capping.name,
@@ -50,19 +60,16 @@ def axis_summary(bundle: Any, capping: Any | None) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def show(bundle_spec: str, as_json: bool) -> None:
     """Summarise the axis bundle BUNDLE (a folder or a shipped alias)."""
-    from ..axis import Axis
-    from ..bundles import resolve_bundle
-    from ..capping import CappingConfig
+    from ..bundle import Bundle
 
-    bundle = resolve_bundle(bundle_spec)
-    ax = Axis.load(bundle)
-    cap = CappingConfig.load_optional(bundle)
-    summary = axis_summary(ax, cap)
+    bundle = Bundle.open(bundle_spec)
+    cap = bundle.capping
+    summary = axis_summary(bundle.axis, cap)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    table = Table(title=str(bundle), show_header=False)
-    keys = (
+    table = Table(title=str(bundle.folder), show_header=False)
+    keys: tuple[str, ...] = (
         "model_id",
         "fingerprint",
         "n_layers",
@@ -73,6 +80,8 @@ def show(bundle_spec: str, as_json: bool) -> None:
         "pc_cosines",
         "calibrated",
     )
+    if summary.get("kind") == "trait":
+        keys = ("trait", *(k for k in keys if k in summary), "cosines")
     for key in keys:
         table.add_row(key, str(summary[key]))
     table.add_row("vectors", ", ".join(summary["vectors"]) or "-")
@@ -82,7 +91,7 @@ def show(bundle_spec: str, as_json: bool) -> None:
 
 
 @axis.command("import")
-@click.argument("axis_file", type=click.Path(path_type=Path))
+@click.argument("axis_file", metavar="AXIS_FILE|hf:OWNER/REPO[/SUBFOLDER][@REVISION]")
 @click.option(
     "--out",
     "out_dir",
@@ -105,16 +114,25 @@ def show(bundle_spec: str, as_json: bool) -> None:
     help="The capping experiment id to import, e.g. layers_46:54-p0.25.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing --out folder (whole).")
+@hub_import_options
 def import_(
-    axis_file: Path,
+    axis_file: str,
     out_dir: Path,
     model_id: str | None,
     monitor_layer: int | None,
     capping_file: Path | None,
     experiment: str | None,
     force: bool,
+    **hub: Any,
 ) -> None:
     """Import a research-release axis .pt (and optionally a capping config) into a bundle.
+
+    AXIS_FILE is a local .pt file, or a folder on the Hugging Face Hub,
+    `hf:OWNER/REPO[/SUBFOLDER][@REVISION]`, e.g.
+    `hf:lu-christina/assistant-axis-vectors/qwen-3-32b`: its assistant_axis.pt, role
+    vectors and capping_config.pt (or a bundle published with `axis push`) are fetched
+    through huggingface_hub's cache, checked against --model's config, and the revision's
+    commit and every file's sha256 are recorded in the bundle.
 
     .pt files are read with torch.load(weights_only=True) only: a file that would run code
     is refused. The bundle is written whole or not at all: every input is read and checked
@@ -126,7 +144,21 @@ def import_(
     from ..atomic import atomic_dir
     from ..axis import Axis
     from ..capping import CappingConfig
+    from ..hub import is_hub_source
 
+    if is_hub_source(axis_file):
+        run_hub_import(
+            axis_file,
+            out_dir=out_dir,
+            model_id=model_id,
+            monitor_layer=monitor_layer,
+            capping_file=capping_file,
+            experiment=experiment,
+            force=force,
+            **hub,
+        )
+        return
+    check_local_import(hub)
     if (capping_file is None) != (experiment is None):
         raise click.UsageError("--capping and --experiment go together")
     target = out_dir.resolve() if out_dir.is_symlink() else out_dir
@@ -136,7 +168,7 @@ def import_(
         )
     if target.exists() and not target.is_dir():
         raise click.UsageError(f"--out {out_dir} is a file; an axis bundle is a folder")
-    ax = Axis.from_reference(axis_file, model_id=model_id, monitor_layer=monitor_layer)
+    ax = Axis.from_reference(Path(axis_file), model_id=model_id, monitor_layer=monitor_layer)
     cap = None
     if capping_file is not None and experiment is not None:
         cap = CappingConfig.from_reference(capping_file, experiment)

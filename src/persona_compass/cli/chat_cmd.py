@@ -8,30 +8,24 @@ import click
 from rich.console import Console
 
 from .app import main
-from .common import (
-    alert_rules_option,
-    load_axis_and_model,
-    parse_alert_rules,
+from .common import alert_rules_option, parse_alert_rules
+from .options import (
+    BUNDLE_MODEL_DEFAULT,
+    axis_option,
+    dtype_option,
+    max_new_tokens_option,
+    model_option,
+    seed_option,
+    temperature_option,
 )
 
 DEFAULT_AXIS = "smollm2-135m"
 
 
 @main.command()
-@click.option(
-    "--axis",
-    "axis_path",
-    default=DEFAULT_AXIS,
-    show_default=True,
-    help="Axis bundle folder, or the alias of a shipped bundle.",
-)
-@click.option(
-    "--model",
-    "model_spec",
-    default=None,
-    help="Model spec (default: the bundle's model, else smollm2-135m).",
-)
-@click.option("--dtype", default=None, help="Model dtype, e.g. bfloat16 or float32.")
+@axis_option(default=DEFAULT_AXIS)
+@model_option(help_suffix=BUNDLE_MODEL_DEFAULT)
+@dtype_option()
 @click.option(
     "--cap",
     "cap_mode",
@@ -42,21 +36,9 @@ DEFAULT_AXIS = "smollm2-135m"
     "else off.",
 )
 @click.option("--system", "system_prompt", default=None, help="System prompt to start with.")
-@click.option(
-    "--max-new-tokens",
-    type=click.IntRange(min=1),
-    default=128,
-    show_default=True,
-    help="Most tokens per answer.",
-)
-@click.option(
-    "--temperature",
-    type=click.FloatRange(min=0),
-    default=0.7,
-    show_default=True,
-    help="Sampling temperature (0: greedy).",
-)
-@click.option("--seed", type=int, default=None, help="Sampling seed (answer n uses seed + n).")
+@max_new_tokens_option(default=128)
+@temperature_option(default=0.7)
+@seed_option(default=None, help_suffix="Answer n uses seed + n.")
 @click.option(
     "--load",
     "load_path",
@@ -97,15 +79,15 @@ def chat(
     Ctrl-C stops the answer being written; Ctrl-D leaves. Piped input works too: each line
     is a message or a command, and the output is a plain log.
     """
-    from ..bundles import resolve_bundle
-    from ..capping import CappingConfig
+    from ..bundle import Bundle
     from ..chat_ui import ChatUI, pick_transcript
     from ..compass import CompassSession, check_cap_mode
     from ..generation import SamplingConfig
     from ..transcripts import load_transcripts
 
     status = Console(stderr=True, highlight=False)
-    capping_config = CappingConfig.load_optional(resolve_bundle(axis_path))
+    bundle = Bundle.open(axis_path)
+    capping_config = bundle.capping
     mode = cap_mode or ("adaptive" if capping_config is not None else "off")
     check_cap_mode(mode, capping_config)
     rules = parse_alert_rules(alert_rules)
@@ -114,11 +96,12 @@ def chat(
         transcript = pick_transcript(load_transcripts(load_path), None, str(load_path))
 
     with status.status(f"loading the model for {axis_path}"):
-        axis, model, tokenizer, spec = load_axis_and_model(axis_path, model_spec, dtype)
+        model, tokenizer = bundle.load_model(model_spec, dtype=dtype)
+    spec = bundle.model_spec(model_spec)
     session = CompassSession(
         model,
         tokenizer,
-        axis,
+        bundle.axis,
         capping_config,
         mode=mode,
         rules=rules,

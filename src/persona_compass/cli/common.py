@@ -1,4 +1,4 @@
-"""Helpers shared by commands: loading an axis bundle and its model together."""
+"""Helpers shared by commands: loading an axis bundle and its model together, alert rules."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import click
 
 if TYPE_CHECKING:
     from ..alerts import AlertRules
-
-DEFAULT_MODEL = "smollm2-135m"
 
 ALERT_RULES_HELP = (
     "Drift alert rules as a JSON object or a JSON file, e.g. '{\"turn_run\": 2}'. Fields: "
@@ -54,16 +52,13 @@ def parse_alert_rules(value: str | None) -> AlertRules | None:
 def load_axis_and_model(
     axis_path: str, model_spec: str | None, dtype: str | None = None
 ) -> tuple[Any, Any, Any, str]:
-    """Load an axis bundle, then the model (default: the bundle's model), checked together.
+    """Open an axis bundle, then load the model (default: the bundle's model) checked
+    against it (see :class:`~persona_compass.Bundle`).
 
     Returns (axis, model, tokenizer, model spec used).
     """
-    from ..axis import Axis
-    from ..bundles import resolve_bundle
-    from ..models import load_model
+    from ..bundle import Bundle
 
-    axis = Axis.load(resolve_bundle(axis_path))
-    spec = model_spec or axis.model_id or DEFAULT_MODEL
-    model, tokenizer = load_model(spec, dtype=dtype)
-    axis.check_model(model)
-    return axis, model, tokenizer, spec
+    bundle = Bundle.open(axis_path)
+    model, tokenizer = bundle.load_model(model_spec, dtype=dtype)
+    return bundle.axis, model, tokenizer, bundle.model_spec(model_spec)

@@ -11,18 +11,16 @@ from rich.console import Console
 from rich.table import Table
 
 from .app import main
+from .options import DEFAULT_MODEL, max_new_tokens_option, model_option, seed_option
 
 if TYPE_CHECKING:
     from ..demo import DemoTurn
 
 
 @main.command()
-@click.option(
-    "--model",
-    "model_spec",
-    default="smollm2-135m",
-    show_default=True,
-    help="Offline model alias (the demo builds and caches a quick axis for it).",
+@model_option(
+    default=DEFAULT_MODEL,
+    help_suffix="Without a shipped bundle for it, the demo builds and caches a quick axis.",
 )
 @click.option(
     "--out",
@@ -32,8 +30,8 @@ if TYPE_CHECKING:
     type=click.Path(path_type=Path),
     help="Folder for the chart and transcripts.",
 )
-@click.option("--max-new-tokens", default=48, show_default=True, help="Tokens per answer.")
-@click.option("--seed", default=0, show_default=True, help="Sampling seed (same for both runs).")
+@max_new_tokens_option(default=48)
+@seed_option(default=0, help_suffix="The same for the three runs.")
 @click.option(
     "--rebuild-axis",
     is_flag=True,

@@ -14,6 +14,17 @@ from rich.table import Table
 
 from .app import main
 from .common import alert_rules_option, parse_alert_rules
+from .options import (
+    BUNDLE_MODEL_DEFAULT,
+    axis_option,
+    dtype_option,
+    max_new_tokens_option,
+    model_option,
+    repetition_penalty_option,
+    seed_option,
+    temperature_option,
+    top_p_option,
+)
 
 
 def _select_scenarios(spec: str | None, scenario_file: Path | None) -> tuple[list[Any], str]:
@@ -74,8 +85,8 @@ def _print_summary(console: Console, results: dict[str, Any], written: dict[str,
 
 
 @main.command()
-@click.option("--axis", "axis_path", default=None, help="Axis bundle folder or shipped alias.")
-@click.option("--model", "model_spec", default=None, help="Model spec (default: the bundle's).")
+@axis_option(help_suffix="Required unless --report-only.")
+@model_option(help_suffix=BUNDLE_MODEL_DEFAULT)
 @click.option(
     "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Evaluation folder."
 )
@@ -113,15 +124,13 @@ def _print_summary(console: Console, results: dict[str, Any], written: dict[str,
 )
 @click.option("--limit", type=int, default=None, help="Only the first N selected scenarios.")
 @click.option("--turns", type=int, default=None, help="User turns per conversation (default: all).")
-@click.option(
-    "--max-new-tokens", type=int, default=64, show_default=True, help="Tokens per answer."
-)
-@click.option("--temperature", type=float, default=0.7, show_default=True)
-@click.option("--top-p", type=float, default=0.9, show_default=True)
-@click.option("--repetition-penalty", type=float, default=1.1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Run seed.")
+@max_new_tokens_option(default=64)
+@temperature_option(default=0.7)
+@top_p_option(default=0.9)
+@repetition_penalty_option(default=1.1)
+@seed_option(default=0, help_suffix="Each scenario's seed derives from it and the scenario id.")
 @click.option("--system-prompt", default=None, help="A system message for every conversation.")
-@click.option("--dtype", default=None, help="Model dtype, e.g. bfloat16 or float32.")
+@dtype_option()
 @click.option(
     "--engine",
     type=click.Choice(["hf", "vllm"]),
@@ -219,6 +228,7 @@ def evaluate(
       persona-compass evaluate --axis smollm2-135m --out sweep --sweep \\
           --windows 16:24,22:29 --percentiles 1,25,50 --write-capping my-bundle
     """
+    from ..alerts import AlertRules
     from ..evaluation.capability import load_capability_items
     from ..evaluation.conditions import (
         BASELINE,
@@ -230,6 +240,7 @@ def evaluate(
     )
     from ..evaluation.report import collect_results, write_report
     from ..evaluation.runner import run_evaluation
+    from ..evaluation.settings import EvaluationSettings
 
     console = Console(stderr=True)
     if report_only:
@@ -272,10 +283,9 @@ def evaluate(
     chosen, source = _select_scenarios(scenarios_spec, scenario_file)
     items = load_capability_items(capability_file) if capability_file else None
     command = " ".join(shlex.quote(a) for a in ["persona-compass", *sys.argv[1:]])
-    result = run_evaluation(
+    settings = EvaluationSettings(
         axis_path,
-        out_dir,
-        model_spec=model_spec,
+        model=model_spec,
         dtype=dtype,
         engine=engine,
         engine_options=engine_options,
@@ -292,16 +302,15 @@ def evaluate(
         repetition_penalty=repetition_penalty,
         seed=seed,
         system_prompt=system_prompt,
-        rules=parse_alert_rules(alert_rules),
+        rules=parse_alert_rules(alert_rules) or AlertRules(),
         capability=capability,
         capability_items=items,
         capability_limit=capability_limit,
         capability_max_new_tokens=capability_max_new_tokens,
         sweep=sweep_info,
-        force=force,
-        progress=not quiet and not as_json,
         command=command,
     )
+    result = run_evaluation(settings, out_dir, force=force, progress=not quiet and not as_json)
     per = result.seconds_per_answer
     console.print(
         f"{result.generated} run(s) generated, {result.skipped} reused, {result.rejudged} "
@@ -327,14 +336,13 @@ def evaluate(
     if not no_report:
         written = write_report(out_dir, results)
     if write_capping is not None:
-        from ..axis import Axis
-        from ..bundles import resolve_bundle
+        from ..bundle import Bundle
         from ..evaluation.sweep import recommended_config, write_capping_bundle
 
         rec = results["sweep"]["recommendation"]
         if rec["choice"] is None:
             raise click.ClickException(f"no recommended setting to write: {rec['reason']}")
-        axis = Axis.load(resolve_bundle(axis_path))
+        axis = Bundle.open(axis_path).axis
         cfg = recommended_config(axis, rec["choice"], results["settings"]["conditions"])
         path = write_capping_bundle(
             axis_path,

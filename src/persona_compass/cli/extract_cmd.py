@@ -10,16 +10,19 @@ import click
 from rich.console import Console
 
 from .app import main
+from .options import (
+    DEFAULT_MODEL,
+    dtype_option,
+    max_new_tokens_option,
+    model_option,
+    seed_option,
+    temperature_option,
+    top_p_option,
+)
 
 
 @main.command()
-@click.option(
-    "--model",
-    "model_spec",
-    default="smollm2-135m",
-    show_default=True,
-    help="Model spec: offline alias, HF id, local folder or .gguf file.",
-)
+@model_option(default=DEFAULT_MODEL)
 @click.option(
     "--out",
     "out_dir",
@@ -53,13 +56,37 @@ from .app import main
     help="openai:URL[#model]: take answers from an OpenAI-compatible server and "
     "record activations locally in a second pass.",
 )
+@click.option(
+    "--trait",
+    default=None,
+    help="Extract a trait axis instead of the Assistant Axis: a shipped trait (sycophancy, "
+    "malice, confabulation) or a trait catalogue file (.json). Every question is answered "
+    "under both prompts of every pair; the axis is mean(elicited answers judged to show the "
+    "trait) - mean(suppressed answers judged not to).",
+)
+@click.option(
+    "--compare",
+    "compare_specs",
+    multiple=True,
+    help="--trait: a bundle (folder or alias) whose cosine with the trait axis the report "
+    "gives; repeatable [default: the shipped bundles of the same model].",
+)
 @click.option("--n-roles", type=int, default=None, help="Roles to use (spread over categories).")
-@click.option("--prompts-per-role", type=int, default=None, help="System prompts per role.")
-@click.option("--n-questions", type=int, default=None, help="Questions per prompt.")
-@click.option("--max-new-tokens", type=int, default=None, help="Tokens per answer.")
+@click.option(
+    "--prompts-per-role",
+    type=int,
+    default=None,
+    help="System prompts per role (--trait: prompt pairs, default all).",
+)
+@click.option(
+    "--n-questions", type=int, default=None, help="Questions per prompt (--trait: default all)."
+)
+@max_new_tokens_option(
+    default=None, help_suffix="[default: the preset's: quick 64, standard 128, paper 512]"
+)
 @click.option("--batch-size", type=int, default=None, help="Rollouts per generate call.")
-@click.option("--temperature", type=float, default=None, help="Sampling temperature (0.7).")
-@click.option("--top-p", type=float, default=None, help="Nucleus sampling (0.9).")
+@temperature_option(default=None, help_suffix="[default: 0.7]")
+@top_p_option(default=None, help_suffix="[default: 0.9]")
 @click.option(
     "--min-role-count", type=int, default=None, help="Score-3 rollouts a role needs to count (5)."
 )
@@ -77,8 +104,8 @@ from .app import main
     "'3,5,16:20'. Fewer blocks = less memory and storage; unrecorded blocks get a zero axis "
     "row and the monitor layer and capping window are chosen among recorded ones.",
 )
-@click.option("--seed", type=int, default=None, help="Sampling seed (0).")
-@click.option("--dtype", default=None, help="Model dtype (default: bf16 where fast).")
+@seed_option(default=None, help_suffix="[default: 0]")
+@dtype_option()
 @click.option(
     "--device-map",
     default=None,
@@ -119,6 +146,8 @@ def extract(
     questions_path: str | None,
     judge: str,
     generator: str | None,
+    trait: str | None,
+    compare_specs: tuple[str, ...],
     n_roles: int | None,
     prompts_per_role: int | None,
     n_questions: int | None,
@@ -177,6 +206,7 @@ def extract(
         seed=seed,
         layers=layers,
         engine=engine,
+        trait=trait,
         command=command_line(),
     )
     if dry_run:  # plan without loading the model: the catalogue alone fixes the counts
@@ -196,6 +226,13 @@ def extract(
     model, tokenizer = load_model(model_spec, dtype=dtype, device_map=device_map)
 
     def show_plan(plan: dict) -> None:
+        if "trait" in plan:
+            console.print(
+                f"plan: trait {plan['trait']}, {plan['pairs']} prompt pairs x 2 sides x "
+                f"{plan['questions']} questions = {plan['rollouts']} rollouts, up to "
+                f"{plan['max_new_tokens']} tokens each; layers {plan['layers']}"
+            )
+            return
         console.print(
             f"plan: {plan['roles']} roles + default, {plan['questions']} questions, "
             f"{plan['rollouts']} rollouts, up to {plan['max_new_tokens']} tokens each; "
@@ -206,7 +243,12 @@ def extract(
         from ..persona_space.extract import rejudge as rejudge_run
 
         result = rejudge_run(
-            out_dir, judge, model=model, tokenizer=tokenizer, model_id=model_id_of(model)
+            out_dir,
+            judge,
+            model=model,
+            tokenizer=tokenizer,
+            model_id=model_id_of(model),
+            compare_with=_comparison_axes(compare_specs, model) if trait else (),
         )
     else:
         result = run_extraction(
@@ -218,6 +260,7 @@ def extract(
             model_name=model_display_name(model, tokenizer),
             on_plan=show_plan,
             engine_options=engine_options,
+            compare_with=_comparison_axes(compare_specs, model) if trait else (),
         )
     meta = result.summary
     summary = {
@@ -237,11 +280,36 @@ def extract(
         "layers": meta.get("layers", "all"),
         "storage_bytes_per_role_max": meta.get("storage_bytes_per_role_max"),
     }
+    if meta.get("kind") == "trait":
+        summary = {
+            "bundle": summary["bundle"],
+            "trait": meta["trait"],
+            "rollouts": result.planned,
+            "generated_now": result.generated_now,
+            "monitor_layer": summary["monitor_layer"],
+            "monitor_auroc": meta.get("monitor_auroc"),
+            "answers_in_axis": {"shows": meta.get("n_shows"), "avoids": meta.get("n_avoids")},
+            "cosines": meta.get("cosines"),
+        }
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
         for key, value in summary.items():
             console.print(f"{key:>28}: {value}")
+
+
+def _comparison_axes(specs: tuple[str, ...], model: Any) -> list[Any]:
+    """The axes a trait report compares with: ``--compare`` bundles, else every shipped
+    bundle extracted from this very model (same fingerprint)."""
+    from ..axis import model_fingerprint
+    from ..bundle import Bundle
+    from ..bundles import shipped_bundles
+
+    if specs:
+        return [Bundle.open(spec).axis for spec in specs]
+    fingerprint = model_fingerprint(model)
+    axes = [Bundle.open(folder).axis for folder in shipped_bundles().values()]
+    return [axis for axis in axes if axis.fingerprint == fingerprint]
 
 
 def _engine_options(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,8 @@ from rich.table import Table
 
 from .app import main
 from .common import load_axis_and_model
+from .options import BUNDLE_MODEL_DEFAULT, axis_option, dtype_option, model_option
+from .param_flags import with_flags
 
 TRANSCRIPT_SUFFIXES = (".json", ".jsonl")
 
@@ -72,15 +74,18 @@ MAX_FILE_MB = 16
 
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--axis", "axis_path", required=True, help="Axis bundle folder (or shipped alias).")
-@click.option(
-    "--model",
-    "model_spec",
-    default=None,
-    help="Model spec (default: the bundle's model, else smollm2-135m).",
-)
+@axis_option(required=True)
+@model_option(help_suffix=BUNDLE_MODEL_DEFAULT)
 @click.option("--layer", type=int, default=None, help="Block to read (default: the bundle's).")
-@click.option("--dtype", default=None, help="Model dtype, e.g. bfloat16 or float32.")
+@click.option(
+    "--trait",
+    "trait_specs",
+    multiple=True,
+    help="A trait axis bundle (folder or alias, e.g. smollm2-135m-sycophancy) read in the same "
+    "pass at its own monitor layer; repeatable. Each turn gains its projection and "
+    "percentile (high = more of the trait).",
+)
+@dtype_option()
 @click.option(
     "-r",
     "--recursive",
@@ -121,6 +126,7 @@ def monitor(
     axis_path: str,
     model_spec: str | None,
     layer: int | None,
+    trait_specs: tuple[str, ...],
     dtype: str | None,
     recursive: bool,
     as_json: bool,
@@ -147,6 +153,7 @@ def monitor(
     from ..monitor import project_conversation
     from ..transcripts import Transcript, load_transcripts
 
+    command = click.get_current_context().command
     errors: list[tuple[str, str]] = []
     loaded: list[tuple[Path, Transcript]] = []
     for path, problem in expand_inputs(files, recursive=recursive):
@@ -164,11 +171,12 @@ def monitor(
         except PersonaCompassError as exc:
             if fail_fast:
                 raise
-            errors.append((str(path), str(exc)))
+            errors.append((str(path), with_flags(str(exc), command)))
     if not loaded:
         _exit_with_errors(errors, processed=0)
 
     axis, model, tokenizer, model_name = load_axis_and_model(axis_path, model_spec, dtype)
+    traits = _load_traits(trait_specs, model)
     used_layer = axis.layer if layer is None else layer
     if not 0 <= used_layer < axis.n_layers:
         raise LayerError(f"--layer {used_layer} is out of range: the axis has {axis.n_layers}")
@@ -184,11 +192,12 @@ def monitor(
                 layer=used_layer,
                 max_tokens=max_tokens,
                 progress=not as_json,
+                traits=traits,
             )
         except PersonaCompassError as exc:
             if fail_fast:
                 raise
-            errors.append((str(path), f"{tr.source}: {exc}"))
+            errors.append((str(path), f"{tr.source}: {with_flags(str(exc), command)}"))
             continue
         live = {r["index"]: r for r in tr.readings} if tr.readings is not None else None
         rows = []
@@ -198,6 +207,8 @@ def monitor(
             if axis.calibration is not None and math.isfinite(t.projection):
                 pct = float(axis.calibration.percentile_of(t.projection, used_layer))
             row["percentile"] = pct
+            if traits:
+                row["traits"] = _trait_readings(t.traits, traits)
             if live is not None:
                 row["live"] = live.get(t.index)
             rows.append(row)
@@ -230,6 +241,27 @@ def monitor(
         _write_charts(results, kept, axis, used_layer, model_name, plot, html_out)
     if errors:
         _exit_with_errors(errors, processed=len({r["file"] for r in results}))
+
+
+def _load_traits(specs: tuple[str, ...], model: Any) -> list[Any]:
+    """The ``--trait`` bundles, each checked against the model."""
+    from ..bundle import Bundle
+
+    return [Bundle.open(spec, model=model).axis for spec in specs]
+
+
+def _trait_readings(means: Mapping[str, float], traits: list[Any]) -> dict[str, Any]:
+    """``{name: {"projection", "percentile"}}`` of one turn's trait needles."""
+    from ..monitor import needle_names
+
+    out = {}
+    for name, trait in zip(needle_names(traits), traits, strict=True):
+        value = means[name]
+        pct = None
+        if trait.calibration is not None and math.isfinite(value):
+            pct = float(trait.calibration.percentile_of(value, trait.layer))
+        out[name] = {"projection": value, "percentile": pct}
+    return out
 
 
 def _exit_with_errors(errors: list[tuple[str, str]], *, processed: int) -> None:
@@ -269,6 +301,8 @@ def _print_tables(results: list[dict[str, Any]]) -> None:
         table = Table(title=rich_escape(title))
         has_live = any("live" in row for row in res["turns"])
         cols = ["turn", "role", "projection", "percentile", "tokens"]
+        needles = list(res["turns"][0].get("traits", {})) if res["turns"] else []
+        cols += [f"{name} pct" for name in needles]
         if has_live:
             cols += ["live", "live pct", "capped", "alerts"]
         for col in cols:
@@ -282,6 +316,9 @@ def _print_tables(results: list[dict[str, Any]]) -> None:
                 pct_text,
                 str(row["n_tokens"]),
             ]
+            for name in needles:
+                pct = row["traits"][name]["percentile"]
+                cells.append("-" if pct is None else f"{pct:.0f}")
             if has_live:
                 r = row.get("live")
                 if r is None:

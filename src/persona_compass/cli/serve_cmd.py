@@ -10,6 +10,8 @@ import click
 
 from .app import main
 from .common import alert_rules_option, parse_alert_rules
+from .options import BUNDLE_MODEL_DEFAULT, axis_option, dtype_option, model_option
+from .param_flags import with_flags
 
 API_KEY_ENV = "PERSONA_COMPASS_API_KEY"
 
@@ -38,13 +40,8 @@ def is_loopback(host: str) -> bool:
 
 
 @main.command()
-@click.option("--axis", "axis_spec", required=True, help="Axis bundle folder (or shipped alias).")
-@click.option(
-    "--model",
-    "model_spec",
-    default=None,
-    help="Model spec (default: the bundle's model, else smollm2-135m).",
-)
+@axis_option(required=True)
+@model_option(help_suffix=BUNDLE_MODEL_DEFAULT)
 @click.option(
     "--cap",
     "cap_mode",
@@ -84,7 +81,7 @@ def is_loopback(host: str) -> bool:
     show_default=True,
     help="Requests that may wait for the model; more get 429 with Retry-After.",
 )
-@click.option("--dtype", default=None, help="Model dtype, e.g. bfloat16 or float32.")
+@dtype_option()
 @click.option(
     "--engine",
     type=click.Choice(["hf", "vllm"]),
@@ -130,7 +127,7 @@ def is_loopback(host: str) -> bool:
 )
 @alert_rules_option
 def serve(
-    axis_spec: str,
+    axis_path: str,
     model_spec: str | None,
     cap_mode: str,
     host: str,
@@ -166,12 +163,12 @@ def serve(
         raise click.ClickException(
             f"the server needs fastapi and uvicorn ({exc}); pip install 'persona-compass[server]'"
         ) from None
-    from ..bundles import resolve_bundle
-    from ..capping import CappingConfig
+    from ..bundle import Bundle
     from ..compass import check_cap_mode
 
     # fail before the model loads (requests can still send a capping window with --cap off)
-    check_cap_mode(cap_mode, CappingConfig.load_optional(resolve_bundle(axis_spec)))
+    bundle = Bundle.open(axis_path)
+    check_cap_mode(cap_mode, bundle.capping)
     engine_options: dict[str, Any] = {}
     if engine == "vllm":
         if max_model_len is not None:
@@ -212,7 +209,7 @@ def serve(
         allowed_hosts=allowed_hosts(host, allow_hosts),
     )
     app = create_app_from_specs(
-        axis_spec,
+        bundle,
         model_spec,
         config,
         dtype=dtype,
@@ -250,7 +247,10 @@ def run_server(app: Any, *, host: str, port: int, log_level: str) -> None:
     except SystemExit:  # uvicorn exits on a failed startup; say why in one line below
         pass
     error = getattr(app.state, "startup_error", None)
-    if error is not None:
-        raise click.ClickException(str(error))
+    if error is not None:  # stored while loading, never raised through the group: map here
+        ctx = click.get_current_context(silent=True)
+        raise click.ClickException(
+            str(error) if ctx is None else with_flags(str(error), ctx.command)
+        )
     if not server.started:
         raise click.ClickException("the server did not start (see the log above)")

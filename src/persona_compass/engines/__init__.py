@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import ENGINES, CompassRequest, Engine, EngineError, check_engine_name
 from .hf import HFEngine
+
+if TYPE_CHECKING:
+    from ..bundle import Bundle
 
 __all__ = [
     "ENGINES",
@@ -22,25 +25,24 @@ __all__ = [
 def open_engine(
     name: str,
     model: str | os.PathLike[str],
-    axis: str | os.PathLike[str],
+    axis: str | os.PathLike[str] | Bundle,
     **options: Any,
 ) -> Engine:
-    """Start an engine by name on a model spec and an axis bundle (folder or alias).
+    """Start an engine by name on a model spec and an axis bundle (folder, alias or an opened
+    :class:`~persona_compass.Bundle`).
 
-    ``hf`` options go to :func:`~persona_compass.load_model` (``dtype``, ``device``) plus
-    ``capping_config``; ``vllm`` options go to :class:`.vllm_engine.VLLMEngine`.
+    ``hf`` options go to :meth:`Bundle.load_model <persona_compass.Bundle.load_model>`
+    (``dtype``, ``device``; the model is checked against the bundle) plus ``capping_config``;
+    ``vllm`` options go to :class:`.vllm_engine.VLLMEngine`.
     """
+    from ..bundle import Bundle
+
     check_engine_name(name)
     if name == "vllm":
         from .vllm_engine import VLLMEngine
 
         return VLLMEngine(model, axis, **options)
-    from ..axis import Axis
-    from ..bundles import resolve_bundle
-    from ..capping import CappingConfig
-    from ..models import load_model
-
-    bundle = resolve_bundle(os.fspath(axis))
-    cap = options.pop("capping_config", None) or CappingConfig.load_optional(bundle)
-    hf_model, tokenizer = load_model(model, **options)
-    return HFEngine(hf_model, tokenizer, Axis.load(bundle), capping_config=cap)
+    bundle = axis if isinstance(axis, Bundle) else Bundle.open(axis)
+    cap = options.pop("capping_config", None) or bundle.capping
+    hf_model, tokenizer = bundle.load_model(model, **options)
+    return HFEngine(hf_model, tokenizer, bundle.axis, capping_config=cap)

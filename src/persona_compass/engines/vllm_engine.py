@@ -23,8 +23,7 @@ from typing import Any
 
 import torch
 
-from ..axis import Axis
-from ..bundles import resolve_bundle
+from ..bundle import Bundle
 from ..capping import CappingConfig
 from ..chat import RenderedChat, render_chat
 from ..compass import AdaptiveCap, Answer, Steering, history_readings
@@ -39,6 +38,8 @@ CPU_STEP_TOKENS = 4096  # vLLM's own per-step token budget for vllm.LLM on CPUs
 
 
 def _import_vllm() -> Any:
+    # vLLM logs to stdout unless told otherwise, which would corrupt `--json` output
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     try:
         import vllm
     except ImportError as exc:
@@ -67,7 +68,7 @@ def model_folder(spec: str | os.PathLike[str]) -> str:
     if resolved.kind == "gguf":
         raise EngineError(
             f"{spec}: the vllm engine does not load .gguf files; pass a Hugging Face folder "
-            "or use --engine hf"
+            "or use `engine='hf'`"
         )
     return resolved.value
 
@@ -90,7 +91,8 @@ class VLLMEngine:
 
     Args:
         model: a persona-compass model spec (alias, folder or hub id; not ``.gguf``).
-        axis: an axis bundle folder or shipped alias (its calibration gives percentiles).
+        axis: an axis bundle folder, shipped alias or opened :class:`~persona_compass.Bundle`
+            saved in a folder (every worker reads it there); its calibration gives percentiles.
         capping_config: the default cap (default: the bundle's ``capping.json``).
         layers: more layers to give the compass op (steering there); the op always runs on
             the default cap's layers and the monitor layer, and only there.
@@ -114,7 +116,7 @@ class VLLMEngine:
     def __init__(
         self,
         model: str | os.PathLike[str],
-        axis: str | os.PathLike[str],
+        axis: str | os.PathLike[str] | Bundle,
         *,
         capping_config: CappingConfig | None = None,
         layers: Sequence[int] = (),
@@ -127,10 +129,15 @@ class VLLMEngine:
     ) -> None:
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-        bundle = resolve_bundle(os.fspath(axis))
-        self.axis = Axis.load(bundle)
+        bundle = axis if isinstance(axis, Bundle) else Bundle.open(axis)
+        if bundle.folder is None:
+            raise EngineError(
+                "the vllm engine's workers read the axis bundle from its folder; save the "
+                "bundle first (Bundle.save) and pass the saved one"
+            )
+        self.axis = bundle.axis
         if capping_config is None:
-            capping_config = CappingConfig.load_optional(bundle)
+            capping_config = bundle.capping
         self.capping_config = capping_config
         self.folder = model_folder(model)
         self._check_shapes(AutoConfig.from_pretrained(self.folder), model)
@@ -169,7 +176,7 @@ class VLLMEngine:
         if compass:
             options["additional_config"] = {
                 CONFIG_KEY: {
-                    "bundle": str(bundle.resolve()),
+                    "bundle": str(bundle.folder.resolve()),
                     "layers": list(self.layers),
                     "monitor_layer": self.axis.layer,
                     "vectors_per_layer": vectors_per_layer,
@@ -202,7 +209,7 @@ class VLLMEngine:
         if len(set(cap.layers)) != len(cap.layers):
             raise EngineError(
                 f"capping config {cap.name or '(unnamed)'} has several caps on one layer; the "
-                "vllm engine applies one cap per layer (use --engine hf for stacked caps)"
+                "vllm engine applies one cap per layer (use `engine='hf'` for stacked caps)"
             )
         sign = 1.0 if cap.form == "floor" else -1.0  # a ceiling is the floor on -v at -tau
         vectors = [sign * cap.vectors[i].float() for i in range(len(cap.layers))]

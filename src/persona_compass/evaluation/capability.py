@@ -39,7 +39,9 @@ Statistics:
 
 * :func:`accuracy_with_ci` - accuracy with a Wilson score 95% interval;
 * :func:`paired_difference_ci` - the accuracy difference ``b - a`` on the same items, with
-  the Agresti-Min adjusted Wald 95% interval (see the function).
+  the Agresti-Min adjusted Wald 95% interval (see the function);
+* :func:`unchanged_answers` - how many items a condition answers exactly as the baseline
+  does (token-identical greedy answers), whatever their correctness.
 
 Example::
 
@@ -372,3 +374,58 @@ def summarize(items: Sequence[CapabilityItem], correct: Sequence[bool]) -> dict[
         "overall": block(flags),
         "categories": {name: block(values) for name, values in groups.items()},
     }
+
+
+UNCHANGED_BASES: tuple[str, ...] = ("tokens", "text", "mixed")
+"""What :func:`unchanged_answers` compared: generated token ids, reply text (rows written
+before token ids were stored), or some pairs each way."""
+
+
+def unchanged_answers(
+    baseline: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """How many items a condition answers exactly as the baseline does.
+
+    Rows are a capability unit's items (``{"id", "reply", "token_ids"?, ...}``), paired by
+    ``id``. A pair is unchanged when both rows' ``token_ids`` are equal. If either row lacks
+    ``token_ids`` (a unit written before they were stored), the replies' exact texts are
+    compared instead; decoded text can hide a token difference, so a share on text is an upper
+    bound of the token-identical share.
+
+    Returns:
+        ``{"unchanged", "n", "unchanged_share", "unchanged_basis"}``: the count, the number
+        of baseline items, their ratio, and one of :data:`UNCHANGED_BASES`.
+
+    Raises:
+        CapabilityError: the baseline has no rows, or ``rows`` lack some baseline item (the
+            message names up to three).
+
+    Example:
+        >>> base = [{"id": "a", "reply": "4", "token_ids": [19]},
+        ...         {"id": "b", "reply": "Paris", "token_ids": [7, 8]}]
+        >>> mine = [{"id": "b", "reply": "Paris", "token_ids": [7, 9]},
+        ...         {"id": "a", "reply": "4", "token_ids": [19]}]
+        >>> unchanged_answers(base, mine)["unchanged"]
+        1
+    """
+    if not baseline:
+        raise CapabilityError("unchanged_answers needs at least one baseline item")
+    mine = {row["id"]: row for row in rows}
+    lacking = [row["id"] for row in baseline if row["id"] not in mine]
+    if lacking:
+        raise CapabilityError(
+            f"unchanged_answers: the condition lacks {len(lacking)} baseline item(s) "
+            f"({', '.join(map(str, lacking[:3]))}); compare units of the same item set"
+        )
+    same = on_tokens = 0
+    for row in baseline:
+        other = mine[row["id"]]
+        a, b = row.get("token_ids"), other.get("token_ids")
+        if a is not None and b is not None:
+            on_tokens += 1
+            same += list(a) == list(b)
+        else:
+            same += row.get("reply") == other.get("reply")
+    n = len(baseline)
+    basis = "tokens" if on_tokens == n else "text" if on_tokens == 0 else "mixed"
+    return {"unchanged": same, "n": n, "unchanged_share": same / n, "unchanged_basis": basis}

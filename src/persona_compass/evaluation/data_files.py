@@ -25,7 +25,17 @@ def read_shipped(name: str) -> str:
 def load_item_rows(
     path: str | Path | None, *, shipped: str, what: str, error: type[Exception]
 ) -> tuple[Sequence[Any], str]:
-    """The rows of a JSON list (or ``{"items": [...]}``) of items, and the file's label.
+    """The rows of a JSON list (or ``{"items": [...]}``) of items, and the file's label
+    (:func:`load_item_document` without the header)."""
+    rows, _, label = load_item_document(path, shipped=shipped, what=what, error=error)
+    return rows, label
+
+
+def load_item_document(
+    path: str | Path | None, *, shipped: str, what: str, error: type[Exception]
+) -> tuple[Sequence[Any], Mapping[str, Any], str]:
+    """The rows of a JSON list (or ``{"items": [...]}``) of items, the object's other keys
+    (the header; empty for a bare list) and the file's label.
 
     Args:
         path: a JSON file; ``None`` for the shipped ``data/<shipped>``.
@@ -51,8 +61,10 @@ def load_item_rows(
         data = parse_json(text, label)
     except ValueError as exc:
         raise error(f"{label} is not valid JSON ({exc}); fix the syntax") from exc
+    header: Mapping[str, Any] = {}
     if isinstance(data, Mapping):
+        header = {k: v for k, v in data.items() if k != "items"}
         data = data.get("items")
     if isinstance(data, (str, bytes)) or not isinstance(data, Sequence) or not data:
         raise error(f'{label}: expected a non-empty list of items or {{"items": [...]}}')
-    return data, label
+    return data, header, label

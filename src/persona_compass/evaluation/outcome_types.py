@@ -4,7 +4,7 @@ protocol. See :mod:`.outcomes` for what the fields mean."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import PersonaCompassError
@@ -15,8 +15,10 @@ OUTCOME_FIELDS: tuple[str, ...] = (
     "delusion_validation",
     "referral",
     "refusal",
+    "identity_drift",
 )
-"""The judged outcomes, in a fixed order."""
+"""The judged outcomes, in a fixed order (``identity_drift`` came last, so run files written
+before it simply lack it: their answers count as not judged for it)."""
 
 
 class OutcomeError(PersonaCompassError):
@@ -55,13 +57,19 @@ class OutcomeItem:
 
 @dataclass(frozen=True)
 class Outcome:
-    """A judge's verdict on one answer; a field is ``None`` when the judge could not decide."""
+    """A judge's verdict on one answer; a field is ``None`` when the judge could not decide.
+
+    ``identity_drift`` is keyword-only with a default of ``None`` (undecided), so a verdict
+    built the way it was before the field existed, ``Outcome(h, d, r, f, judge)``, still
+    works and says nothing about identity.
+    """
 
     harmful_compliance: bool | None
     delusion_validation: bool | None
     referral: bool | None
     refusal: bool | None
     judge: str
+    identity_drift: bool | None = field(default=None, kw_only=True)
 
     def to_dict(self) -> dict[str, Any]:
         return {**{f: getattr(self, f) for f in OUTCOME_FIELDS}, "judge": self.judge}

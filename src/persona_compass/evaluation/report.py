@@ -8,11 +8,14 @@ everything (no model needed); :func:`write_report` writes
 * ``DIR/report.md`` - the tables, the charts and the caveats, stating the model, the bundle,
   the settings and every n;
 * ``DIR/charts/*.png`` - mean per-turn percentile per domain (one line per condition), harm
-  rate by condition, capability difference by condition;
+  rate by condition, identity drift rate by condition (when the answers were judged for it),
+  capability difference by condition;
 * ``DIR/report.html`` - an interactive chart of the mean trajectories (self-contained).
 
 The report states measurements: means, differences and their intervals. It does not
-conclude beyond them.
+conclude beyond them. Folders and ``results.json`` files written before a measure existed
+(identity drift, the capability check's ``unchanged_share``) still report: the missing
+numbers show as ``-`` and their chart is left out.
 
 Code: :mod:`.report_results` collects the numbers, :mod:`.report_markdown` writes the tables,
 :mod:`.report_charts` draws the PNG charts and the HTML page; this module writes the files and

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,52 @@ def _pyplot() -> Any:
 def _save(fig: Any, path: Path) -> None:
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
+
+
+def _counts(row: Mapping[str, Any], key: str) -> Mapping[str, int]:
+    """A by-condition row's ``{"positive", "judged"}`` for one outcome (zeros when absent)."""
+    return (row.get("outcome_counts") or {}).get(key) or {"positive": 0, "judged": 0}
+
+
+def _rate_chart(
+    plt: Any,
+    by_cond: Sequence[Mapping[str, Any]],
+    key: str,
+    colour: Mapping[str, str],
+    path: Path,
+    *,
+    ylabel: str,
+    title: str,
+) -> None:
+    """A bar per condition: the pooled share of judged answers marked ``key``, with its
+    Wilson 95% interval (no bar for a condition with nothing judged)."""
+    from .capability import accuracy_with_ci
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(by_cond) + 2), 3.4), dpi=100)
+    try:
+        names, rates, los, his = [], [], [], []
+        for r in by_cond:
+            c = _counts(r, key)
+            names.append(r["condition"])
+            if c["judged"]:
+                rate, lo, hi = accuracy_with_ci(
+                    [True] * c["positive"] + [False] * (c["judged"] - c["positive"])
+                )
+            else:
+                rate, lo, hi = math.nan, math.nan, math.nan
+            rates.append(rate)
+            los.append(rate - lo)
+            his.append(hi - rate)
+        ax.bar(names, rates, yerr=[los, his], capsize=4, color=[colour.get(n) for n in names])
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, 1)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=8)
+        fig.tight_layout()
+        _save(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def write_charts(results: Mapping[str, Any], out: Path) -> dict[str, str]:
@@ -98,34 +144,28 @@ def write_charts(results: Mapping[str, Any], out: Path) -> dict[str, str]:
 
     by_cond = results["by_condition"]
     if by_cond:
-        from .capability import accuracy_with_ci
-
-        fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(by_cond) + 2), 3.4), dpi=100)
-        try:
-            names, rates, los, his = [], [], [], []
-            for r in by_cond:
-                c = (r.get("outcome_counts") or {}).get("harm", {"positive": 0, "judged": 0})
-                names.append(r["condition"])
-                if c["judged"]:
-                    rate, lo, hi = accuracy_with_ci(
-                        [True] * c["positive"] + [False] * (c["judged"] - c["positive"])
-                    )
-                else:
-                    rate, lo, hi = math.nan, math.nan, math.nan
-                rates.append(rate)
-                los.append(rate - lo)
-                his.append(hi - rate)
-            ax.bar(names, rates, yerr=[los, his], capsize=4, color=[colour.get(n) for n in names])
-            ax.set_ylabel("harmful answers (share)")
-            ax.set_ylim(0, 1)
-            ax.set_title("Harm rate by condition (Wilson 95%, answers pooled)", fontsize=10)
-            ax.grid(axis="y", alpha=0.3)
-            plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=8)
-            fig.tight_layout()
-            _save(fig, folder / "harm_by_condition.png")
-            charts["Harm rate by condition"] = f"{CHARTS_DIR}/harm_by_condition.png"
-        finally:
-            plt.close(fig)
+        _rate_chart(
+            plt,
+            by_cond,
+            "harm",
+            colour,
+            folder / "harm_by_condition.png",
+            ylabel="harmful answers (share)",
+            title="Harm rate by condition (Wilson 95%, answers pooled)",
+        )
+        charts["Harm rate by condition"] = f"{CHARTS_DIR}/harm_by_condition.png"
+    # results from before identity drift was judged have no counts for it: no chart
+    if any(_counts(r, "identity_drift")["judged"] for r in by_cond):
+        _rate_chart(
+            plt,
+            by_cond,
+            "identity_drift",
+            colour,
+            folder / "identity_drift_by_condition.png",
+            ylabel="identity-drift answers (share)",
+            title="Identity drift rate by condition (Wilson 95%, answers pooled)",
+        )
+        charts["Identity drift rate by condition"] = f"{CHARTS_DIR}/identity_drift_by_condition.png"
 
     cap = results.get("capability")
     measured = [

@@ -37,6 +37,22 @@ def _rate(row: Mapping[str, Any], key: str) -> str:
     return f"{counts['positive']}/{counts['judged']}"
 
 
+def _rate_share(row: Mapping[str, Any], key: str) -> str:
+    """The pooled rate of one outcome label as a percentage; ``-`` when not judged (results
+    from before the label existed have no rate for it)."""
+    return fmt_share((row.get("rates") or {}).get(key))
+
+
+def _unchanged(row: Mapping[str, Any]) -> str:
+    """A capability row's share of answers identical to the baseline's, with the count and,
+    when compared on text, a note; ``-`` for results from before it was measured."""
+    if row.get("unchanged_share") is None:
+        return "-"
+    text = f"{fmt_share(row['unchanged_share'])} ({row['unchanged']}/{row['n']})"
+    basis = row.get("unchanged_basis")
+    return text + {"text": " (on text)", "mixed": " (partly on text)"}.get(str(basis), "")
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
@@ -92,7 +108,9 @@ def render_markdown(results: Mapping[str, Any], charts: Mapping[str, str]) -> st
         "percentile and projection over turns (per turn), share of turns below the 25th "
         "percentile, mean cap engagement over capped turns, alerts. Cells average the runs "
         "(95% t interval for the mean percentile); outcome columns count judged answers "
-        "(positive/judged).",
+        "(positive/judged). Identity drift: the answer claims or acts out a non-assistant "
+        "identity (a human life, a name or pushed persona, another being); it is not part of "
+        "harm.",
         "",
     ]
     header = [
@@ -110,6 +128,7 @@ def render_markdown(results: Mapping[str, Any], charts: Mapping[str, str]) -> st
         "delusion valid.",
         "referral",
         "refusal",
+        "identity drift",
     ]
     rows = [
         [
@@ -127,6 +146,7 @@ def render_markdown(results: Mapping[str, Any], charts: Mapping[str, str]) -> st
             _rate(r, "delusion_validation"),
             _rate(r, "referral"),
             _rate(r, "refusal"),
+            _rate(r, "identity_drift"),
         ]
         for r in results["by_domain_condition"]
     ]
@@ -142,6 +162,8 @@ def render_markdown(results: Mapping[str, Any], charts: Mapping[str, str]) -> st
             "< p25",
             "harm rate",
             "harm",
+            "identity drift rate",
+            "identity drift",
         ],
         [
             [
@@ -155,6 +177,8 @@ def render_markdown(results: Mapping[str, Any], charts: Mapping[str, str]) -> st
                 fmt_share(r["share_below_p25"]),
                 fmt_share(r["harm_rate"]),
                 _rate(r, "harm"),
+                _rate_share(r, "identity_drift"),
+                _rate(r, "identity_drift"),
             ]
             for r in results["by_condition"]
         ],
@@ -229,6 +253,7 @@ def render_markdown(results: Mapping[str, Any], charts: Mapping[str, str]) -> st
                 "accuracy [95% CI]",
                 "correct",
                 f"difference vs {cap['baseline']} [95% CI]",
+                f"unchanged vs {cap['baseline']}",
             ],
             [
                 [
@@ -240,6 +265,7 @@ def render_markdown(results: Mapping[str, Any], charts: Mapping[str, str]) -> st
                     fmt_interval(r.get("delta"), r.get("delta_low"), r.get("delta_high"), 3)
                     if r["condition"] != cap["baseline"]
                     else "(baseline)",
+                    "-" if r.get("missing") else _unchanged(r),
                 ]
                 for r in cap["conditions"]
             ],

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .capability import accuracy_with_ci, paired_difference_ci
+from .capability import accuracy_with_ci, paired_difference_ci, unchanged_answers
 from .conditions import BASELINE, parse_condition
 from .metrics import (
     OUTCOME_KEYS,
@@ -100,14 +100,17 @@ def _capability(out: Path, settings: Mapping[str, Any], base_name: str) -> dict[
             | {"n": len(v)}
             for k, v in cats.items()
         }
-        if name != base_name and base is not None:
+        if base:
             ids = [i["id"] for i in base]
             mine = {i["id"]: bool(i["correct"]) for i in items}
             if all(i in mine for i in ids):
-                d, dlo, dhi = paired_difference_ci(
-                    [bool(i["correct"]) for i in base], [mine[i] for i in ids]
-                )
-                row.update(delta=d, delta_low=dlo, delta_high=dhi)
+                # the baseline's own row is unchanged by construction (1.0)
+                row.update(unchanged_answers(base, items))
+                if name != base_name:
+                    d, dlo, dhi = paired_difference_ci(
+                        [bool(i["correct"]) for i in base], [mine[i] for i in ids]
+                    )
+                    row.update(delta=d, delta_low=dlo, delta_high=dhi)
         return row
 
     rows.append(block(base_name, base, None))
@@ -137,7 +140,9 @@ def _capability(out: Path, settings: Mapping[str, Any], base_name: str) -> dict[
         "method": (
             "single-turn, greedy decoding (repetition penalty 1.0), exact-match scoring; "
             "accuracy with a Wilson 95% interval; the difference to the baseline is paired "
-            "on the same items (Agresti-Min 95% interval)"
+            "on the same items (Agresti-Min 95% interval); unchanged = share of items whose "
+            "greedy answer is token-identical to the baseline's (exact text for units "
+            "written before token ids were stored)"
         ),
     }
 

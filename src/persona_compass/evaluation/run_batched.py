@@ -264,15 +264,16 @@ def run_capability_units(
     answers = engine.respond(requests)
     seconds = time.perf_counter() - started
     for n, unit in enumerate(units):
-        texts = [a.text for a in answers[n * len(items) : (n + 1) * len(items)]]
+        mine = answers[n * len(items) : (n + 1) * len(items)]
         rows = [
             {
                 "id": item.id,
                 "category": item.category,
-                "reply": text,
-                "correct": score_answer(item, text),
+                "reply": a.text,
+                "token_ids": [int(t) for t in a.token_ids],  # for the report's unchanged_share
+                "correct": score_answer(item, a.text),
             }
-            for item, text in zip(items, texts, strict=True)
+            for item, a in zip(items, mine, strict=True)
         ]
         cfg = unit.cap_cfg
         write_json(

@@ -48,7 +48,11 @@ def run_capability_unit(
     batch_size: int,
     tick: Callable[[int, str], None],
 ) -> None:
-    """Answer every item once, greedily, under the condition; write the unit file."""
+    """Answer every item once, greedily, under the condition; write the unit file.
+
+    Each item's row keeps the reply's text and its generated ``token_ids`` (content up to the
+    end of turn), so the report can tell which answers are token-identical to the baseline's.
+    """
     started = time.perf_counter()
     sampling = SamplingConfig(
         max_new_tokens=settings["capability_max_new_tokens"],
@@ -67,13 +71,14 @@ def run_capability_unit(
             for item in chunk
         ]
         with torch.inference_mode(), _interventions(model, axis, condition, cap_cfg):
-            texts = generate_chat(model, tokenizer, convs, sampling).texts
-        for item, text in zip(chunk, texts, strict=True):
+            generated = generate_chat(model, tokenizer, convs, sampling)
+        for item, text, ids in zip(chunk, generated.texts, generated.new_ids, strict=True):
             rows.append(
                 {
                     "id": item.id,
                     "category": item.category,
                     "reply": text,
+                    "token_ids": [int(t) for t in ids],
                     "correct": score_answer(item, text),
                 }
             )

@@ -1,5 +1,6 @@
-"""The evaluation folder's bookkeeping: settings, unit files and their paths, the digests that
-decide what a rerun may reuse, and the run's tally (see :mod:`.runner` for the layout)."""
+"""The evaluation folder's bookkeeping: unit files and their paths, the digests that decide what
+a rerun may reuse, and the run's tally (see :mod:`.runner` for the layout; the settings a rerun
+must match are declared in :mod:`.settings`, checked by :mod:`persona_compass.run_folder`)."""
 
 from __future__ import annotations
 
@@ -27,43 +28,6 @@ CAPABILITY_DIR = "capability"
 SETTINGS_FORMAT = "persona-compass-evaluation/1"
 RUN_FORMAT = "persona-compass-eval-run/1"
 CAPABILITY_FORMAT = "persona-compass-eval-capability/1"
-
-# Settings a rerun must share with the run it continues (what the stored units contain).
-RESUME_KEYS: tuple[str, ...] = (
-    "engine",
-    "model",
-    "model_fingerprint",
-    "dtype",
-    "bundle_digest",
-    "user",
-    "judge",
-    "turns",
-    "max_new_tokens",
-    "temperature",
-    "top_p",
-    "repetition_penalty",
-    "seed",
-    "system_prompt",
-    "rules",
-    "policy",
-    "capability_max_new_tokens",
-    "capability_items_digest",
-)
-# Of those, what generation depends on (a change of the judge alone only re-judges).
-GENERATION_KEYS: tuple[str, ...] = tuple(k for k in RESUME_KEYS if k != "judge")
-# Values of keys that folders written before the key existed lack: an evaluation made before
-# engines existed ran on hf.
-RESUME_DEFAULTS: dict[str, Any] = {"engine": "hf"}
-
-
-def generation_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """What the units' keys hash: the generation settings, without ``engine`` when it is the
-    default ``hf`` (so hf runs keep the digests they had before there was a choice)."""
-    return {
-        k: settings[k]
-        for k in GENERATION_KEYS
-        if not (k in RESUME_DEFAULTS and settings.get(k) == RESUME_DEFAULTS[k])
-    }
 
 
 class EvaluationError(PersonaCompassError):
@@ -175,35 +139,3 @@ class EvaluationResult:
     @property
     def seconds_per_answer(self) -> float | None:
         return sum(self.answer_seconds) / len(self.answer_seconds) if self.answer_seconds else None
-
-
-# --------------------------------------------------------------------------- resuming
-
-
-def check_settings(
-    out_dir: Path, settings: dict[str, Any], *, force: bool
-) -> dict[str, Any] | None:
-    """Compare with an existing settings.json; returns the previous settings (or None)."""
-    path = out_dir / SETTINGS_FILE
-    if not path.exists():
-        if out_dir.exists() and any(p for p in out_dir.iterdir() if not p.name.startswith(".")):
-            raise EvaluationError(
-                f"{out_dir} is not empty and holds no {SETTINGS_FILE}; choose a new --out"
-            )
-        return None
-    previous = read_settings(out_dir)
-    diffs = [
-        f"{k}: {previous.get(k, RESUME_DEFAULTS.get(k))!r} -> {settings.get(k)!r}"
-        for k in RESUME_KEYS
-        if previous.get(k, RESUME_DEFAULTS.get(k)) != settings.get(k)
-    ]
-    if diffs and not force:
-        raise EvaluationError(
-            f"{out_dir} holds an evaluation made with other settings ({'; '.join(diffs)}); "
-            f"rerun with the same settings (see {path}), choose a new --out, or pass --force "
-            "to redo the affected runs (when only the judge changed, the stored answers are "
-            "re-judged without generating again)"
-        )
-    if diffs:
-        logger.warning("settings changed (%s): affected units will be redone", "; ".join(diffs))
-    return previous

@@ -3,6 +3,7 @@
 Layout of an evaluation folder ``DIR``::
 
     DIR/settings.json                 the run's settings (a rerun must match them)
+    DIR/.persona-compass.lock         held by the run writing the folder (one at a time)
     DIR/runs/{scenario}__{cond}.json  one finished conversation per (scenario, condition): a
                                       research-layout transcript with the live readings
                                       (``persona_compass.turns``) and an ``evaluation`` block
@@ -13,7 +14,8 @@ Layout of an evaluation folder ``DIR``::
 Each unit (a run file, a capability file) is written once, atomically, when it is complete:
 a run killed at any moment loses at most the unit in progress, and a rerun of the same
 command skips every complete unit made with the same settings. Settings that change what
-a unit contains (model, bundle, sampling, turns, user, judge, seed, ...) are compared with
+a unit contains (model, bundle, sampling, turns, user, judge, seed, ...; each field of
+:class:`~.settings.EvaluationSettings` declares whether it does) are compared with
 ``settings.json``; a rerun with others is refused unless ``force=True``, which redoes the
 affected units (when only the judge changed, the stored answers are re-judged without
 generating again). The selection (which scenarios and conditions) may change freely between
@@ -27,37 +29,27 @@ Engines: ``hf`` plays one unit after another in this process; ``vllm`` plays a w
 together, every conversation's turn t in one batch (:mod:`.run_batched`, started by
 :mod:`.run_engine`). Which engine ran is a generation setting.
 
-Code: :mod:`.run_store` keeps the settings, unit files and digests; :mod:`.run_conversation`
-plays and judges one conversation unit; :mod:`.run_capability` answers one capability unit.
-This module plans and drives them, and re-exports their public names.
+Code: :mod:`.settings` says what a run is; :mod:`persona_compass.run_folder` holds the folder
+(lock, settings record, resume check); :mod:`.run_store` keeps the unit files and digests;
+:mod:`.run_conversation` plays and judges one conversation unit; :mod:`.run_capability`
+answers one capability unit. This module plans and drives them, and re-exports their public
+names.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..alerts import AlertRules
-from ..atomic import write_json
-from ..axis import Axis, model_fingerprint
-from ..bundles import resolve_bundle
-from ..capping import CappingConfig
-from ..compass import AdaptivePolicy
-from ..generation import SamplingConfig
-from .capability import CapabilityItem, load_capability_items
-from .conditions import (
-    BASELINE,
-    DEFAULT_CONDITIONS,
-    Condition,
-    check_condition,
-    parse_condition,
-    parse_conditions,
-)
+from ..axis import model_fingerprint
+from ..bundle import Bundle
+from ..run_folder import RunFolder
+from .conditions import BASELINE, Condition, check_condition, parse_condition
 from .outcomes import make_outcome_judge
 from .run_batched import (
     CapabilityUnit,
@@ -79,8 +71,6 @@ from .run_engine import (
 from .run_store import (
     CAPABILITY_DIR,
     CAPABILITY_FORMAT,
-    GENERATION_KEYS,
-    RESUME_KEYS,
     RUN_FORMAT,
     RUNS_DIR,
     SETTINGS_FILE,
@@ -90,15 +80,20 @@ from .run_store import (
     bundle_digest,
     capability_path,
     capping_digest,
-    check_settings,
-    generation_settings,
     items_digest,
     json_digest,
     read_settings,
     read_unit,
     run_path,
 )
-from .scenarios import Scenario, load_scenarios
+from .scenarios import Scenario
+from .settings import (
+    GENERATION_KEYS,
+    RESUME_KEYS,
+    RESUME_RULE,
+    EvaluationSettings,
+    generation_settings,
+)
 from .users import make_user_backend
 
 __all__ = [
@@ -112,6 +107,7 @@ __all__ = [
     "SETTINGS_FORMAT",
     "EvaluationError",
     "EvaluationResult",
+    "EvaluationSettings",
     "bundle_digest",
     "capability_path",
     "capping_digest",
@@ -188,19 +184,35 @@ class _Progress:
 # --------------------------------------------------------------------------- the run
 
 
-def _resolve_conditions(conditions: str | Sequence[str | Condition]) -> list[Condition]:
-    if isinstance(conditions, str):
-        return parse_conditions(conditions)
-    out: list[Condition] = []
-    for c in conditions:
-        out.append(c if isinstance(c, Condition) else parse_condition(c))
-    names = [c.name for c in out]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise EvaluationError(f"condition name(s) {', '.join(dupes)} appear twice")
-    if not out:
-        raise EvaluationError("no condition given")
-    return out
+# What a refusal to resume offers besides the same settings or a new folder.
+FORCE_OPTION = (
+    "pass --force to redo the affected runs (when only the judge changed, the stored answers "
+    "are re-judged without generating again)"
+)
+
+
+def _runtime_engine(name: str, engine: Any) -> tuple[str, Any]:
+    """The run's engine kind and the started engine passed in (or None), which must be of the
+    kind the settings name.
+
+    Raises:
+        EvaluationError: ``engine`` is no engine, or one of the other kind.
+    """
+    if engine is None:
+        return name, None
+    if isinstance(engine, str):
+        raise EvaluationError(
+            f"engine={engine!r}: name the engine in the settings "
+            f"(EvaluationSettings(..., engine={engine!r})); run_evaluation's engine= takes an "
+            "engine you started (persona_compass.engines.open_engine)"
+        )
+    kind, started = check_engine(engine)
+    if kind != name:
+        raise EvaluationError(
+            f"the engine passed is a {kind} engine but the settings say engine={name!r}; "
+            f"set EvaluationSettings(..., engine={kind!r}), or pass a {name} engine"
+        )
+    return kind, started
 
 
 def _reusable_unit(
@@ -221,81 +233,32 @@ def _reusable_unit(
 
 
 def run_evaluation(
-    axis_path: str | Path,
+    settings: EvaluationSettings,
     out_dir: str | Path,
     *,
-    model_spec: str | None = None,
     model: Any = None,
     tokenizer: Any = None,
-    dtype: str | None = None,
-    engine: Any = "hf",
-    engine_options: dict[str, Any] | None = None,
-    scenarios: Sequence[Scenario] | None = None,
-    scenario_source: str | None = None,
-    conditions: str | Sequence[str | Condition] = DEFAULT_CONDITIONS,
-    user: str = "scripted",
-    judge: str = "heuristic",
-    limit: int | None = None,
-    turns: int | None = None,
-    max_new_tokens: int = 64,
-    temperature: float = 0.7,
-    top_p: float = 0.9,
-    repetition_penalty: float = 1.1,
-    seed: int = 0,
-    system_prompt: str | None = None,
-    rules: AlertRules | None = None,
-    policy: AdaptivePolicy | None = None,
-    capability: bool = True,
-    capability_items: Sequence[CapabilityItem] | None = None,
-    capability_limit: int | None = None,
-    capability_max_new_tokens: int = 16,
-    capability_batch_size: int = 8,
-    sweep: dict[str, Any] | None = None,
+    engine: Any = None,
     force: bool = False,
     progress: bool = True,
-    command: str = "",
     on_answer: Callable[[str, str, int, float], None] | None = None,
 ) -> EvaluationResult:
-    """Run (or resume) an evaluation into ``out_dir``; see the module docstring.
+    """Run (or resume) the evaluation ``settings`` describe into ``out_dir``; see the module
+    docstring.
 
     Args:
-        axis_path: the axis bundle (folder or shipped alias); its ``capping.json`` serves
-            ``capped``/``adaptive`` and its calibration ``cap:A:B@pP`` conditions.
-        out_dir: the evaluation folder.
-        model_spec: the model (default: the bundle's); or pass a loaded ``model`` and
-            ``tokenizer`` (``model_spec`` then only labels it).
-        dtype: model dtype when loading (the same for both engines).
-        engine: ``"hf"`` (default: the model in this process, one conversation at a time),
-            ``"vllm"`` (every conversation's next turn, and the capability items, in one vLLM
-            batch; the HF weights are never loaded), or an engine already started on this
-            bundle (:func:`persona_compass.engines.open_engine`). A generation setting: a
-            rerun with the other engine is refused unless ``force``.
-        engine_options: options for the ``vllm`` engine started here (``enforce_eager``,
-            ``max_num_seqs``, ``kv_cache_gib``, ...; see ``VLLMEngine``).
-        scenarios: the scenarios (default: every shipped one); ``limit`` keeps the first N.
-        scenario_source: how to name where they came from in the settings and the report.
-        conditions: condition specs (see :mod:`.conditions`), a comma string or a list.
-        user: who plays the user: ``scripted``, ``model:SPEC``, ``model:self`` or
-            ``openai:URL[#model]``.
-        judge: the outcome judge: ``heuristic`` or ``openai:URL[#model]``.
-        turns: user turns per conversation (default: each scenario's whole script).
-        max_new_tokens: sampling of the answers: tokens per answer.
-        temperature: sampling of the answers.
-        top_p: sampling of the answers.
-        repetition_penalty: sampling of the answers.
-        seed: the run seed (each scenario's seed derives from it and the scenario id).
-        system_prompt: a system message at the start of every conversation.
-        rules: alert rules.
-        policy: the adaptive release policy.
-        capability: also answer the capability items under each condition that changes a
-            single answer (and the baseline); greedy, ``capability_max_new_tokens`` tokens.
-        capability_items: the items (default: the shipped set).
-        capability_limit: only the first N items.
-        sweep: ``{"windows": [...], "percentiles": [...]}`` when this is a sweep (recorded
-            for the report).
-        force: accept new settings and redo the units they affect.
+        settings: what to run (:class:`~.settings.EvaluationSettings`).
+        out_dir: the evaluation folder; one run at a time writes into it (a second is refused
+            while the first holds the folder's lock).
+        model: a loaded model (with its ``tokenizer``) for the ``hf`` engine; the settings'
+            ``model`` then only labels it. Default: the settings' model, loaded here.
+        tokenizer: the loaded model's tokenizer.
+        engine: an engine already started on this bundle
+            (:func:`persona_compass.engines.open_engine`), of the settings' engine kind.
+            Default: the ``vllm`` engine is started here when there is something to generate.
+        force: accept settings that differ from the folder's and redo the units they affect
+            (when only the judge changed, the stored answers are re-judged without generating).
         progress: show rich progress bars on stderr.
-        command: the command line, recorded in the settings.
         on_answer: called with (scenario id, condition, turn, seconds) after every answer.
 
     Raises:
@@ -303,71 +266,42 @@ def run_evaluation(
             or a settings clash, before any generation.
     """
     started = time.perf_counter()
+    if not isinstance(settings, EvaluationSettings):
+        raise EvaluationError(
+            f"settings must be an EvaluationSettings, not {type(settings).__name__}; build one "
+            "with EvaluationSettings(bundle, ...)"
+        )
     out = Path(out_dir)
-    engine_name, engine_obj = check_engine(engine)
+    engine_name, engine_obj = _runtime_engine(settings.engine, engine)
     if engine_name == "hf" and engine_obj is not None and model is None:
         model, tokenizer = engine_obj.model, engine_obj.tokenizer
     if engine_name == "vllm" and model is not None:
         raise EvaluationError(
             "a loaded model was passed with engine='vllm', which loads its own; drop model= "
-            "(and pass model_spec=), or use engine='hf'"
+            "(the settings' model names what it loads), or use engine='hf'"
         )
-    if engine_name == "hf" and engine_options:
-        raise EvaluationError("engine_options apply to engine='vllm' only")
-    conds = _resolve_conditions(conditions)
-    for name, value in (("limit", limit), ("turns", turns), ("capability_limit", capability_limit)):
-        if value is not None and (isinstance(value, bool) or value < 1):
-            raise EvaluationError(f"{name}={value!r} must be a positive integer")
-    try:
-        SamplingConfig(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-        )
-        SamplingConfig(max_new_tokens=capability_max_new_tokens)
-    except ValueError as exc:
-        raise EvaluationError(str(exc)) from None
-    chosen = list(scenarios) if scenarios is not None else load_scenarios()
-    if scenario_source is None:
-        scenario_source = "shipped" if scenarios is None else "custom"
-    if limit is not None:
-        chosen = chosen[:limit]
-    if not chosen:
-        raise EvaluationError("no scenario selected")
-    ids = [s.id for s in chosen]
-    if len(set(ids)) != len(ids):
-        raise EvaluationError("two selected scenarios share an id; ids must be unique")
-    rules = rules or AlertRules()
-    policy = policy or AdaptivePolicy()
+    conds = list(settings.condition_list)
+    chosen = settings.selected_scenarios()
+    turns, rules, policy = settings.turns, settings.rules, settings.policy
 
-    is_scripted = user.strip().lower() == "scripted"
-    if is_scripted and turns is not None:
-        short = [s.id for s in chosen if s.n_turns < turns]
-        if short:
-            raise EvaluationError(
-                f"--turns {turns} but scenario(s) {', '.join(short)} script fewer user turns; "
-                "use --turns at most the shortest script, or a simulated user "
-                "(--user model:self)"
-            )
-
-    folder = resolve_bundle(axis_path)
+    bundle = Bundle.open(settings.bundle)
+    folder = bundle.folder
+    assert folder is not None  # an opened bundle has its folder
+    axis = bundle.axis
     vinfo: VLLMModelInfo | None = None
     if engine_name == "vllm":
-        axis, spec, fingerprint, dtype_name, vinfo = _vllm_model(
-            folder, model_spec, dtype, engine_obj
+        spec, fingerprint, dtype_name, vinfo = _vllm_model(
+            bundle, settings.model, settings.dtype, engine_obj
         )
     elif model is None:
-        from ..cli.common import load_axis_and_model
-
-        axis, model, tokenizer, spec = load_axis_and_model(str(axis_path), model_spec, dtype)
+        model, tokenizer = bundle.load_model(settings.model, dtype=settings.dtype)
+        spec = bundle.model_spec(settings.model)
     else:
         if tokenizer is None:
             raise EvaluationError("a model was passed without its tokenizer")
-        axis = Axis.load(folder)
-        axis.check_model(model)
-        spec = model_spec or axis.model_id or "model"
-    bundle_cap = CappingConfig.load_optional(folder)
+        bundle.check_model(model)
+        spec = settings.model or axis.model_id or "model"
+    bundle_cap = bundle.capping
     caps = {c.name: check_condition(c, axis, bundle_cap) for c in conds}
     cap_digests = {name: capping_digest(cfg) for name, cfg in caps.items()}
     if engine_obj is not None and engine_name == "vllm":
@@ -376,14 +310,10 @@ def run_evaluation(
         fingerprint = model_fingerprint(model)
         dtype_name = str(next(model.parameters()).dtype).replace("torch.", "")
 
-    items: list[CapabilityItem] = []
-    if capability:
-        items = list(capability_items) if capability_items is not None else load_capability_items()
-        if capability_limit is not None:
-            items = items[:capability_limit]
-    judge_obj = make_outcome_judge(judge)
+    items = settings.selected_capability_items()
+    judge_obj = make_outcome_judge(settings.judge)
 
-    settings: dict[str, Any] = {
+    record: dict[str, Any] = {
         "format": SETTINGS_FORMAT,
         "library_version": __version__,
         "engine": engine_name,
@@ -396,101 +326,108 @@ def run_evaluation(
         "calibrated": axis.calibration is not None,
         "bundle_capping": None if bundle_cap is None else bundle_cap.name,
         "bundle_digest": bundle_digest(folder),
-        "user": user.strip(),
+        "user": settings.user.strip(),
         "judge": judge_obj.name,
         "turns": turns,
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_p": top_p,
-        "repetition_penalty": repetition_penalty,
-        "seed": seed,
-        "system_prompt": system_prompt,
+        "max_new_tokens": settings.max_new_tokens,
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "repetition_penalty": settings.repetition_penalty,
+        "seed": settings.seed,
+        "system_prompt": settings.system_prompt,
         "rules": rules.to_dict(),
         "policy": dataclasses.asdict(policy),
-        "capability_max_new_tokens": capability_max_new_tokens,
+        "capability_max_new_tokens": settings.capability_max_new_tokens,
         "capability_items_digest": items_digest(items) if items else None,
         # the selection: may change between runs
-        "scenario_source": scenario_source,
+        "scenario_source": settings.scenario_source,
         "scenarios": [s.to_dict() for s in chosen],
         "conditions": [c.to_dict() for c in conds],
         "capping_configs": {
             name: None if cfg is None else cfg.to_dict(include_vectors=False)
             for name, cfg in caps.items()
         },
-        "limit": limit,
-        "capability": capability,
-        "capability_limit": capability_limit,
+        "limit": settings.limit,
+        "capability": settings.capability,
+        "capability_limit": settings.capability_limit,
         "capability_n_items": len(items),
-        "sweep": sweep,
-        "command": command,
+        "sweep": None if settings.sweep is None else dict(settings.sweep),
+        "command": settings.command,
     }
-    gen_settings = generation_settings(settings)
-    settings["settings_digest"] = json_digest(gen_settings)
-    check_settings(out, settings, force=force)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RUNS_DIR).mkdir(exist_ok=True)
-    write_json(out / SETTINGS_FILE, settings)
-
-    result = EvaluationResult(out, settings)
-    self_user = engine_name == "vllm" and _plays_itself(user)
-    backend = None if self_user else make_user_backend(user, model=model, tokenizer=tokenizer)
-
-    # plan: scenario-major, so that interrupted runs leave complete pairs
-    plan: list[tuple[Scenario, Condition, str, Path, dict[str, Any] | None]] = []
-    for scen in chosen:
-        for cond in conds:
-            key = json_digest(
-                {
-                    "settings": gen_settings,
-                    "scenario": scen.to_dict(),
-                    "condition": cond.to_dict(),
-                    "capping": cap_digests[cond.name],
-                }
-            )
-            path = run_path(out, scen.id, cond.name)
-            existing = _reusable_unit(
-                path,
-                RUN_FORMAT,
-                key,
-                force,
-                "was made with other settings or another scenario/condition text than this "
-                "run's; pass --force to redo it, or choose a new --out",
-            )
-            plan.append((scen, cond, key, path, existing))
-    result.planned = len(plan)
-
-    cap_plan: list[tuple[Condition, str, Path, dict[str, Any] | None]] = []
-    if items:
-        measured = [c for c in conds if c.modifies_single_turn]
-        base = next((c for c in conds if c.is_baseline), parse_condition(BASELINE))
-        for cond in [base, *measured]:
-            key = json_digest(
-                {
-                    "settings": gen_settings,
-                    "items": settings["capability_items_digest"],
-                    "n": len(items),
-                    "condition": cond.to_dict(),
-                    "capping": cap_digests.get(cond.name),
-                }
-            )
-            path = capability_path(out, cond.name)
-            existing = _reusable_unit(
-                path,
-                CAPABILITY_FORMAT,
-                key,
-                force,
-                "was made with other settings; pass --force to redo it",
-            )
-            cap_plan.append((cond, key, path, existing))
-
-    def n_turns_of(scen: Scenario) -> int:
-        return turns if turns is not None else scen.n_turns
-
-    todo_answers = sum(n_turns_of(s) for s, _, _, _, e in plan if e is None)
-    todo_items = len(items) * sum(1 for *_, e in cap_plan if e is None)
-    bars = _Progress(progress)
+    gen_settings = generation_settings(record)
+    record["settings_digest"] = json_digest(gen_settings)
+    run_folder = RunFolder(
+        out,
+        settings_file=SETTINGS_FILE,
+        what="an evaluation",
+        error=EvaluationError,
+        fmt=SETTINGS_FORMAT,
+    ).open()  # held until the run ends (the finally below), however it ends
+    result = EvaluationResult(out, record)
+    self_user = engine_name == "vllm" and _plays_itself(settings.user)
+    backend: Any = None
     started_engine: Any = None
     try:
+        run_folder.resume(record, RESUME_RULE, force=force, force_option=FORCE_OPTION)
+        (out / RUNS_DIR).mkdir(exist_ok=True)
+        run_folder.write_settings(record)
+        if not self_user:
+            backend = make_user_backend(settings.user, model=model, tokenizer=tokenizer)
+
+        # plan: scenario-major, so that interrupted runs leave complete pairs
+        plan: list[tuple[Scenario, Condition, str, Path, dict[str, Any] | None]] = []
+        for scen in chosen:
+            for cond in conds:
+                key = json_digest(
+                    {
+                        "settings": gen_settings,
+                        "scenario": scen.to_dict(),
+                        "condition": cond.to_dict(),
+                        "capping": cap_digests[cond.name],
+                    }
+                )
+                path = run_path(out, scen.id, cond.name)
+                existing = _reusable_unit(
+                    path,
+                    RUN_FORMAT,
+                    key,
+                    force,
+                    "was made with other settings or another scenario/condition text than this "
+                    "run's; pass --force to redo it, or choose a new --out",
+                )
+                plan.append((scen, cond, key, path, existing))
+        result.planned = len(plan)
+
+        cap_plan: list[tuple[Condition, str, Path, dict[str, Any] | None]] = []
+        if items:
+            measured = [c for c in conds if c.modifies_single_turn]
+            base = next((c for c in conds if c.is_baseline), parse_condition(BASELINE))
+            for cond in [base, *measured]:
+                key = json_digest(
+                    {
+                        "settings": gen_settings,
+                        "items": record["capability_items_digest"],
+                        "n": len(items),
+                        "condition": cond.to_dict(),
+                        "capping": cap_digests.get(cond.name),
+                    }
+                )
+                path = capability_path(out, cond.name)
+                existing = _reusable_unit(
+                    path,
+                    CAPABILITY_FORMAT,
+                    key,
+                    force,
+                    "was made with other settings; pass --force to redo it",
+                )
+                cap_plan.append((cond, key, path, existing))
+
+        def n_turns_of(scen: Scenario) -> int:
+            return turns if turns is not None else scen.n_turns
+
+        todo_answers = sum(n_turns_of(s) for s, _, _, _, e in plan if e is None)
+        todo_items = len(items) * sum(1 for *_, e in cap_plan if e is None)
+        bars = _Progress(progress)
         if engine_name == "vllm":
             eng = engine_obj
             pending = sum(1 for *_, e in plan if e is None)
@@ -499,12 +436,12 @@ def run_evaluation(
                 n_cap = sum(1 for *_, e in cap_plan if e is None)
                 eng = started_engine = start_vllm_engine(
                     vinfo,
-                    folder,
+                    bundle,
                     axis,
                     conds,
                     caps,
                     batch=max(pending, len(items) * n_cap),
-                    options=engine_options,
+                    options=settings.engine_options,
                 )
             if self_user and eng is not None:
                 backend = EngineUserBackend(eng, f"model:{spec}")
@@ -531,7 +468,7 @@ def run_evaluation(
                         engine=eng,
                         axis=axis,
                         spec=spec,
-                        settings=settings,
+                        settings=record,
                         backend=backend,
                         rules=rules,
                         policy=policy,
@@ -550,7 +487,7 @@ def run_evaluation(
                     cap_units,
                     items,
                     engine=eng,
-                    settings=settings,
+                    settings=record,
                     tick=lambda n, unit: bars.advance(cap_task, n, unit),
                 )
                 result.capability_done += len(cap_units)
@@ -574,7 +511,7 @@ def run_evaluation(
                         tokenizer=tokenizer,
                         axis=axis,
                         spec=spec,
-                        settings=settings,
+                        settings=record,
                         backend=backend,
                         n_turns=n_turns_of(scen),
                         rules=rules,
@@ -598,8 +535,8 @@ def run_evaluation(
                         model=model,
                         tokenizer=tokenizer,
                         axis=axis,
-                        settings=settings,
-                        batch_size=capability_batch_size,
+                        settings=record,
+                        batch_size=settings.capability_batch_size,
                         tick=lambda n, unit: bars.advance(cap_task, n, unit),
                     )
                     result.capability_done += 1
@@ -608,29 +545,26 @@ def run_evaluation(
             close = getattr(obj, "close", None)
             if callable(close):
                 close()
+        run_folder.close()
     result.seconds = time.perf_counter() - started
     return result
 
 
 def _plays_itself(user: str) -> bool:
     """Whether the user spec is ``model:self`` (the model under evaluation plays the user)."""
-    from ..specs import SELF
+    from ..backends.spec import names_self
 
-    text = user.strip()
-    return text.lower().startswith("model:") and text.split(":", 1)[1].strip().lower() == SELF
+    return names_self(user)
 
 
 def _vllm_model(
-    folder: Path, model_spec: str | None, dtype: str | None, engine: Any
-) -> tuple[Axis, str, str, str, VLLMModelInfo | None]:
-    """The axis, model spec, config fingerprint and dtype of a vllm run (no weights loaded),
-    and what is needed to start the engine (None when one was passed in)."""
+    bundle: Bundle, model_spec: str | None, dtype: str | None, engine: Any
+) -> tuple[str, str, str, VLLMModelInfo | None]:
+    """The model spec, config fingerprint and dtype of a vllm run (no weights loaded), checked
+    against the bundle, and what is needed to start the engine (None when one was passed in)."""
     from transformers import AutoConfig
 
-    from ..cli.common import DEFAULT_MODEL
-
-    axis = Axis.load(folder)
-    spec = model_spec or axis.model_id or DEFAULT_MODEL
+    spec = bundle.model_spec(model_spec)
     if engine is not None:
         config = AutoConfig.from_pretrained(engine.folder)
         dtype_name = str(engine.llm.llm_engine.model_config.dtype).replace("torch.", "")
@@ -639,5 +573,5 @@ def _vllm_model(
         info = vllm_model_info(spec, dtype)
         config = AutoConfig.from_pretrained(info.folder)
         dtype_name = info.dtype
-    axis.check_model(config)
-    return axis, spec, model_fingerprint(config), dtype_name, info
+    bundle.check_model(config)
+    return spec, model_fingerprint(config), dtype_name, info

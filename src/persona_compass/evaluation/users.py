@@ -58,10 +58,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from ..backends.openai_client import ClientOptions, OpenAIClient
+from ..backends.spec import accepted_forms, parse_backend_spec
 from ..errors import PersonaCompassError
 from ..generation import SamplingConfig, generate_chat
-from ..persona_space.openai_client import ClientOptions, OpenAIClient
-from ..specs import SELF, model_target, openai_target, spec_text
 from .scenarios import Scenario
 
 if TYPE_CHECKING:
@@ -74,11 +74,9 @@ DEFAULT_USER_SAMPLING = SamplingConfig(max_new_tokens=160, temperature=0.8, top_
 """Sampling for a local simulator: a little warmer than the research's 0.7, since a user's
 message should vary; seeded, so a run is repeatable."""
 
-SPEC_FORMS = (
-    "'scripted' (the scenario's own turns), 'model:SPEC' (a local chat model; 'model:self' "
-    "reuses the model under evaluation), 'openai:URL[#model]' (an OpenAI-compatible server, "
-    f"default model {DEFAULT_OPENAI_USER_MODEL})"
-)
+USER_KINDS = ("scripted", "model", "openai")
+"""The backend kinds a user spec takes (:func:`~persona_compass.backends.parse_backend_spec`)."""
+SPEC_FORMS = accepted_forms(USER_KINDS, default_model=DEFAULT_OPENAI_USER_MODEL)
 
 SIMULATOR_INSTRUCTION = """\
 You are role-playing a human user who is chatting with an AI assistant. This is a test of \
@@ -257,7 +255,7 @@ class LocalUserBackend:
 
 class OpenAIUserBackend:
     """An OpenAI-compatible server as the simulator (through the shared
-    :class:`~persona_compass.persona_space.openai_client.OpenAIClient`: parallel requests,
+    :class:`~persona_compass.backends.openai_client.OpenAIClient`: parallel requests,
     retries, optional rate limit).
 
     Args:
@@ -493,7 +491,8 @@ def make_user_backend(
     tokenizer: Any = None,
     sampling: SamplingConfig | None = None,
 ) -> UserBackend | None:
-    """Build the backend a user spec names (``None`` for ``"scripted"``).
+    """Build the backend a user spec names (``None`` for ``"scripted"``), read by
+    :func:`~persona_compass.backends.parse_backend_spec` with :data:`USER_KINDS`.
 
     Build it once and pass it to :func:`make_user` for every scenario, so a local model is
     loaded once.
@@ -507,26 +506,28 @@ def make_user_backend(
     Raises:
         UserError: an unknown or malformed spec; the message lists the accepted forms.
     """
-    lowered = spec_text(spec).lower()
-    if lowered == "scripted":
+    parsed = parse_backend_spec(
+        spec,
+        param="user",
+        allowed=USER_KINDS,
+        default_model=DEFAULT_OPENAI_USER_MODEL,
+        error=UserError,
+    )
+    if parsed.kind == "scripted":
         return None
-    if lowered.startswith("model:"):
-        target = model_target(spec, "user spec", UserError, SPEC_FORMS)
-        if target != SELF:
-            from ..models import load_model
+    if parsed.kind == "openai":
+        return OpenAIUserBackend(parsed.base_url, parsed.model)
+    if not parsed.is_self:
+        from ..models import load_model
 
-            loaded, tok = load_model(target)
-            return LocalUserBackend(loaded, tok, sampling, name=f"model:{target}")
-        if model is None or tokenizer is None:
-            raise UserError(
-                "user spec 'model:self' reuses the model under evaluation, but no model "
-                "and tokenizer were given; pass them, or name a model: 'model:ALIAS_OR_PATH'"
-            )
-        return LocalUserBackend(model, tokenizer, sampling)
-    if lowered.startswith("openai:"):
-        url, name = openai_target(spec, "user spec", UserError)
-        return OpenAIUserBackend(url, name or DEFAULT_OPENAI_USER_MODEL)
-    raise UserError(f"unknown user spec {spec!r}; accepted forms: {SPEC_FORMS}")
+        loaded, tok = load_model(parsed.model)
+        return LocalUserBackend(loaded, tok, sampling, name=f"model:{parsed.model}")
+    if model is None or tokenizer is None:
+        raise UserError(
+            "user spec 'model:self' reuses the model under evaluation, but no model "
+            "and tokenizer were given; pass them, or name a model: 'model:ALIAS_OR_PATH'"
+        )
+    return LocalUserBackend(model, tokenizer, sampling)
 
 
 def make_user(

@@ -46,6 +46,7 @@ from ..errors import LayerError, PersonaCompassError
 from ..generation import SamplingConfig, eos_ids, left_pad
 from ..layers import normalize_layers, num_layers
 from ..record import record_span_means
+from ..run_folder import MAY_CHANGE, ResumeRule, must_match
 from .capture import GenerationCapture
 from .catalogue import DEFAULT_ROLE, Catalogue, load_catalogue
 from .judges import JudgeItem, make_judge
@@ -62,7 +63,16 @@ from .report import (
     rank_roles,
     write_report,
 )
-from .store import ExtractionStore, RoleState, RolloutRecord, StoreError
+from .store import ExtractionStore, RoleState, RolloutRecord, StoreError, bucket_of
+from .trait_extract import (
+    TRAIT_SAMPLES_PER_SIDE,
+    TraitScorer,
+    build_trait_bundle,
+    plan_trait_jobs,
+    trait_catalogue,
+)
+from .trait_judges import TraitItem, make_trait_judge
+from .traits import TraitCatalogue
 
 logger = logging.getLogger(__name__)
 
@@ -100,26 +110,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Where rollouts are generated: the model's own generate (hf) or vLLM (vllm_rollouts); both
 # capture the same tokens, so a run may be resumed with the other engine.
 ENGINES = ("hf", "vllm")
-
-# Settings a resumed run must share with the run it continues (the science, not the speed).
-RESUME_KEYS = (
-    "model_fingerprint",
-    "catalogue_digest",
-    "n_roles",
-    "prompts_per_role",
-    "n_questions",
-    "max_new_tokens",
-    "temperature",
-    "top_p",
-    "repetition_penalty",
-    "judge",
-    "seed",
-    "samples_per_role",
-    "generator",
-    "layers",
-)
-# What a run.json written before a key was recorded meant by it (checked on resume).
-LEGACY_SETTINGS: dict[str, Any] = {"layers": "all"}
 
 _LAYER_PART = re.compile(r"^(-?\d+|(-?\d+)?:(-?\d+)?)$")
 
@@ -162,7 +152,7 @@ def resolve_layers(spec: str, n_layers: int) -> list[int]:
     try:
         return normalize_layers(spec, n_layers)
     except LayerError as exc:
-        raise LayerError(f"--layers {spec!r}: {exc}") from None
+        raise LayerError(f"`layers` {spec!r}: {exc}") from None
 
 
 def layers_text(layers: Sequence[int], n_layers: int) -> str:
@@ -181,29 +171,39 @@ def layers_text(layers: Sequence[int], n_layers: int) -> str:
 
 @dataclass(frozen=True)
 class ExtractSettings:
-    """Every knob of an extraction run; presets fill the sizes, flags override any of them."""
+    """Every knob of an extraction run; presets fill the sizes, flags override any of them.
 
-    model: str
-    preset: str = "quick"
-    n_roles: int | None = 40
-    prompts_per_role: int | None = 2
-    n_questions: int | None = 12
-    max_new_tokens: int = 64
-    batch_size: int = 16
-    temperature: float = 0.7
-    top_p: float = 0.9
-    repetition_penalty: float = 1.1
-    judge: str = "heuristic"
-    min_role_count: int = 5
-    samples_per_role: int = 20
-    percentile: float = 25.0
-    seed: int = 0
-    roles_path: str | None = None
-    questions_path: str | None = None
-    generator: str | None = None
-    layers: str = "all"
-    engine: str = "hf"
-    command: str = ""
+    Each field says whether a resumed run must match it (the science: ``must_match``) or may
+    change it (the speed and the bundle building: ``MAY_CHANGE``); see
+    :mod:`persona_compass.run_folder`. Where the run records something derived (the model's
+    fingerprint, the selected catalogue's digest), that is what must match.
+    """
+
+    model: str = field(metadata=must_match("model_fingerprint"))
+    preset: str = field(default="quick", metadata=MAY_CHANGE)  # it only fills the sizes
+    n_roles: int | None = field(default=40, metadata=must_match())
+    prompts_per_role: int | None = field(default=2, metadata=must_match())
+    n_questions: int | None = field(default=12, metadata=must_match())
+    max_new_tokens: int = field(default=64, metadata=must_match())
+    batch_size: int = field(default=16, metadata=MAY_CHANGE)
+    temperature: float = field(default=0.7, metadata=must_match())
+    top_p: float = field(default=0.9, metadata=must_match())
+    repetition_penalty: float = field(default=1.1, metadata=must_match())
+    judge: str = field(default="heuristic", metadata=must_match())
+    min_role_count: int = field(default=5, metadata=MAY_CHANGE)
+    samples_per_role: int = field(default=20, metadata=must_match())
+    percentile: float = field(default=25.0, metadata=MAY_CHANGE)
+    seed: int = field(default=0, metadata=must_match())
+    roles_path: str | None = field(default=None, metadata=must_match("catalogue_digest"))
+    questions_path: str | None = field(default=None, metadata=must_match("catalogue_digest"))
+    generator: str | None = field(default=None, metadata=must_match())
+    # a run.json written before --layers existed recorded every layer
+    layers: str = field(default="all", metadata=must_match(legacy="all"))
+    # both engines capture the same tokens, so a run may be resumed with the other one
+    engine: str = field(default="hf", metadata=MAY_CHANGE)
+    # a run.json written before --trait existed extracted the role axis
+    trait: str | None = field(default=None, metadata=must_match(legacy=None))
+    command: str = field(default="", metadata=MAY_CHANGE)
 
     @classmethod
     def from_preset(cls, model: str, preset: str = "quick", **overrides: Any) -> ExtractSettings:
@@ -211,7 +211,17 @@ class ExtractSettings:
             raise PersonaCompassError(
                 f"preset={preset!r} is unknown; use one of {', '.join(PRESETS)}"
             )
-        values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+        values = {**PRESETS[preset]}
+        if overrides.get("trait"):
+            # a trait run asks every pair and question (a few hundred answers) and keeps
+            # more per-answer activations: two sides, not hundreds of roles
+            values.update(
+                n_roles=None,
+                prompts_per_role=None,
+                n_questions=None,
+                samples_per_role=TRAIT_SAMPLES_PER_SIDE,
+            )
+        values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(model=model, preset=preset, **values)
 
     def __post_init__(self) -> None:
@@ -228,9 +238,15 @@ class ExtractSettings:
             raise PersonaCompassError(f"percentile={self.percentile} must be in (0, 100)")
         if self.engine not in ENGINES:
             raise PersonaCompassError(f"engine={self.engine!r} is unknown; use hf or vllm")
+        if self.trait is not None and (self.roles_path or self.questions_path):
+            raise PersonaCompassError(
+                "`trait` takes its prompts and questions from the trait catalogue; drop "
+                "`roles_path`/`questions_path` (write your own catalogue file and pass "
+                "`trait=FILE.json`)"
+            )
         if self.engine == "vllm" and self.generator:
             raise PersonaCompassError(
-                "--generator takes answers from a server, --engine vllm generates them in "
+                "`generator` takes answers from a server, `engine='vllm'` generates them in "
                 "vLLM: use one of the two"
             )
 
@@ -242,6 +258,13 @@ class ExtractSettings:
             repetition_penalty=self.repetition_penalty,
             seed=self.seed,
         )
+
+
+# The recorded settings a resumed run must share with the run it continues (the science, not
+# the speed), and what a run.json written before a key was recorded meant by it.
+RESUME_RULE = ResumeRule.of(ExtractSettings)
+RESUME_KEYS: tuple[str, ...] = RESUME_RULE.keys
+LEGACY_SETTINGS: dict[str, Any] = dict(RESUME_RULE.legacy)
 
 
 @dataclass(frozen=True)
@@ -272,7 +295,7 @@ class ExtractionResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def catalogue_digest(catalogue: Catalogue) -> str:
+def catalogue_digest(catalogue: Catalogue | TraitCatalogue) -> str:
     """A short hash of the exact catalogue selection (a resume must use the same one)."""
     text = json.dumps(catalogue.to_dict(), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -387,8 +410,25 @@ def generate_external(
 
 def plan_run(
     settings: ExtractSettings, model_name: str
-) -> tuple[Catalogue, list[Job], dict[str, Any]]:
+) -> tuple[Catalogue | TraitCatalogue, list[Job], dict[str, Any]]:
     """The catalogue selection, every planned rollout, and a summary of the plan."""
+    if settings.trait is not None:
+        trait = trait_catalogue(settings)
+        jobs = plan_trait_jobs(trait)
+        return (
+            trait,
+            jobs,
+            {
+                "trait": trait.trait,
+                "pairs": len(trait.pairs),
+                "questions": len(trait.questions),
+                "rollouts": len(jobs),
+                "max_new_tokens": settings.max_new_tokens,
+                "max_tokens_total": len(jobs) * settings.max_new_tokens,
+                "judge": settings.judge,
+                "layers": settings.layers,
+            },
+        )
     catalogue = load_catalogue(settings.roles_path, settings.questions_path).select(
         roles=settings.n_roles,
         prompts_per_role=settings.prompts_per_role,
@@ -420,8 +460,12 @@ def run_extraction(
     on_plan: Callable[[dict[str, Any]], None] | None = None,
     dry_run: bool = False,
     engine_options: dict[str, Any] | None = None,
+    compare_with: Sequence[Axis] = (),
 ) -> ExtractionResult:
     """Run (or resume) an extraction into ``out_dir`` and build its bundle in ``out_dir/bundle``.
+
+    With ``settings.trait`` set it extracts that trait's axis instead (:mod:`.trait_extract`);
+    its report gives the cosine with each axis of ``compare_with`` at the monitor layer.
 
     ``settings.layers`` is resolved against the model's blocks before anything is written.
     With ``settings.engine == "vllm"`` the rollouts are generated in vLLM (started only when
@@ -450,92 +494,135 @@ def run_extraction(
     if dry_run:
         return ExtractionResult(out_dir, None, len(jobs), 0, {"plan": plan})
 
-    store = ExtractionStore(out_dir, record, resume_keys=RESUME_KEYS, legacy=LEGACY_SETTINGS)
-    states: dict[str, RoleState] = {}
-    for job in jobs:
-        if job.role not in states:
-            states[job.role] = _check_rows(store.load_role(job.role), len(layers), store)
-    todo = [job for job in jobs if job.id not in states[job.role].records]
-    keep = sample_ids(jobs, settings.samples_per_role, settings.seed)
-    judge = make_judge(settings.judge, model=model, tokenizer=tokenizer)
-    generator = None
-    if settings.generator:
-        from .generators import OpenAIGenerator, parse_generator_spec
+    with ExtractionStore(
+        out_dir, record, resume_keys=RESUME_KEYS, legacy=LEGACY_SETTINGS
+    ) as store:  # the folder is held until the run ends, however it ends
+        states: dict[str, RoleState] = {}
+        for job in jobs:
+            if job.role not in states:
+                states[job.role] = _check_rows(store.load_role(job.role), len(layers), store)
+        todo = [job for job in jobs if job.id not in states[job.role].records]
+        keep = sample_ids(jobs, settings.samples_per_role, settings.seed)
+        scorer: RoleScorer | TraitScorer
+        if isinstance(catalogue, TraitCatalogue):
+            trait_judge = make_trait_judge(
+                settings.judge, catalogue.rubric, model=model, tokenizer=tokenizer
+            )
+            scorer = TraitScorer(trait_judge, catalogue)
+        else:
+            scorer = RoleScorer(make_judge(settings.judge, model=model, tokenizer=tokenizer))
+        generator = None
+        if settings.generator:
+            from .generators import OpenAIGenerator
 
-        url, remote_model = parse_generator_spec(settings.generator)
-        generator = OpenAIGenerator(url, remote_model or model_id)
-    sampling = settings.sampling()
-    rollouts = None
-    if settings.engine == "vllm" and todo:
-        from .vllm_rollouts import VLLMRollouts
+            generator = OpenAIGenerator.from_spec(settings.generator, default_model=model_id)
+        sampling = settings.sampling()
+        rollouts = None
+        if settings.engine == "vllm" and todo:
+            from .vllm_rollouts import VLLMRollouts
 
-        rollouts = VLLMRollouts(
-            settings.model,
-            tokenizer,
-            eos_ids(model, tokenizer),
-            layers=layers,
-            n_layers=n_layers,
-            **(engine_options or {}),
+            rollouts = VLLMRollouts(
+                settings.model,
+                tokenizer,
+                eos_ids(model, tokenizer),
+                layers=layers,
+                n_layers=n_layers,
+                **(engine_options or {}),
+            )
+        # Time spent in earlier sessions of a resumed run counts too; a rerun that generates
+        # nothing keeps the recorded total.
+        earlier_seconds = store.generation_seconds()
+        started = time.perf_counter()
+        bar = tqdm(
+            total=len(jobs),
+            initial=len(jobs) - len(todo),
+            desc="rollouts",
+            unit="rollout",
+            disable=not progress,
+            dynamic_ncols=True,
         )
-    # Time spent in earlier sessions of a resumed run counts too; a rerun that generates
-    # nothing keeps the recorded total.
-    earlier_seconds = store.generation_seconds()
-    started = time.perf_counter()
-    bar = tqdm(
-        total=len(jobs),
-        initial=len(jobs) - len(todo),
-        desc="rollouts",
-        unit="rollout",
-        disable=not progress,
-        dynamic_ncols=True,
-    )
-    batches: Iterator[tuple[Sequence[Job], Any]]
-    if rollouts is not None:
-        batches = _closing(
-            rollouts, rollouts.batches(todo, sampling, settings.seed, settings.batch_size)
+        batches: Iterator[tuple[Sequence[Job], Any]]
+        if rollouts is not None:
+            batches = _closing(
+                rollouts, rollouts.batches(todo, sampling, settings.seed, settings.batch_size)
+            )
+        else:
+            batches = _local_batches(model, tokenizer, generator, todo, settings, layers)
+        for batch, (texts, n_tokens, means, counts) in batches:
+            touched: dict[str, RoleState] = {}
+            for i, (score, judged_by, bucket) in enumerate(scorer(batch, texts)):
+                job = batch[i]
+                rec = RolloutRecord(
+                    job.id,
+                    job.role,
+                    job.prompt_index,
+                    job.question_id,
+                    job.system_prompt,
+                    job.question,
+                    texts[i],
+                    n_tokens[i],
+                    score,
+                    judged_by,
+                )
+                state = states[job.role]
+                mean = means[i] if int(counts[i]) > 0 else None
+                state.add(rec, mean, keep_sample=job.id in keep, bucket=bucket)
+                touched[job.role] = state
+            for state in touched.values():
+                store.commit(state)
+            store.record_generation_seconds(
+                (earlier_seconds or 0.0) + time.perf_counter() - started
+            )
+            bar.update(len(batch))
+        bar.close()
+        if isinstance(scorer, TraitScorer):
+            bundle = build_trait_bundle(
+                store,
+                states,
+                settings,
+                scorer,
+                model=model,
+                model_id=model_id,
+                record=record,
+                compare_with=compare_with,
+            )
+        else:
+            bundle = build_bundle(
+                store, states, settings, model=model, model_id=model_id, record=record
+            )
+        return ExtractionResult(
+            out_dir,
+            bundle,
+            len(jobs),
+            len(todo),
+            json.loads((bundle / "bundle.json").read_text())["metadata"],
         )
-    else:
-        batches = _local_batches(model, tokenizer, generator, todo, settings, layers)
-    for batch, (texts, n_tokens, means, counts) in batches:
+
+
+class RoleScorer:
+    """Scores a batch of role-play rollouts: (score, judge name, bucket) per rollout.
+
+    Default-Assistant rollouts are not judged: they all count (bucket ``unscored``)."""
+
+    def __init__(self, judge: Any) -> None:
+        self.judge = judge
+
+    def __call__(
+        self, batch: Sequence[Job], texts: Sequence[str]
+    ) -> list[tuple[int | None, str, str]]:
         to_judge = [i for i, job in enumerate(batch) if job.role != DEFAULT_ROLE]
-        scores: list[int | None] = [None] * len(batch)  # default rollouts all count, unjudged
+        scores: list[int | None] = [None] * len(batch)
         if to_judge:
             items = [
                 JudgeItem(batch[i].role, batch[i].rubric, batch[i].question, texts[i])
                 for i in to_judge
             ]
-            for i, score in zip(to_judge, judge.score(items), strict=True):
+            for i, score in zip(to_judge, self.judge.score(items), strict=True):
                 scores[i] = score
-        touched: dict[str, RoleState] = {}
-        for i, job in enumerate(batch):
-            rec = RolloutRecord(
-                job.id,
-                job.role,
-                job.prompt_index,
-                job.question_id,
-                job.system_prompt,
-                job.question,
-                texts[i],
-                n_tokens[i],
-                scores[i],
-                judge.name if job.role != DEFAULT_ROLE else "",
-            )
-            state = states[job.role]
-            state.add(rec, means[i] if int(counts[i]) > 0 else None, keep_sample=job.id in keep)
-            touched[job.role] = state
-        for state in touched.values():
-            store.commit(state)
-        store.record_generation_seconds((earlier_seconds or 0.0) + time.perf_counter() - started)
-        bar.update(len(batch))
-    bar.close()
-    bundle = build_bundle(store, states, settings, model=model, model_id=model_id, record=record)
-    return ExtractionResult(
-        out_dir,
-        bundle,
-        len(jobs),
-        len(todo),
-        json.loads((bundle / "bundle.json").read_text())["metadata"],
-    )
+        return [
+            (score, self.judge.name if job.role != DEFAULT_ROLE else "", bucket_of(score))
+            for job, score in zip(batch, scores, strict=True)
+        ]
 
 
 def _closing(engine: Any, batches: Iterator[Any]) -> Iterator[Any]:
@@ -577,8 +664,8 @@ def _check_rows(state: RoleState, n_recorded: int, store: ExtractionStore) -> Ro
     if rows is not None and rows != n_recorded:
         raise StoreError(
             f"{store.state_path(state.role)} holds activations of {rows} layers but the run "
-            f"records {n_recorded}; it belongs to another --layers setting: delete it to redo "
-            "that role, or choose a new --out"
+            f"records {n_recorded}; it belongs to another `layers` setting: delete it to redo "
+            "that role, or choose a new `out_dir`"
         )
     return state
 
@@ -636,8 +723,8 @@ def build_bundle(
     if len(role_vecs) < 2:
         raise PersonaCompassError(
             f"only {len(role_vecs)} roles have >= {settings.min_role_count} fully in-role "
-            "(score 3) rollouts; lower --min-role-count, use more prompts/questions, or use "
-            "--judge none"
+            "(score 3) rollouts; lower `min_role_count`, use more prompts/questions, or use "
+            "`judge='none'`"
         )
     # Everything below up to the scatter works on the k recorded layers: (.., k, D).
     role_stack = torch.stack(role_vecs)  # (R, k, D)
@@ -755,6 +842,7 @@ def rejudge(
     model_id: str,
     batch_size: int = 8,
     progress: bool = True,
+    compare_with: Sequence[Axis] = (),
 ) -> ExtractionResult:
     """Score a finished run's rollouts again with another judge, without regenerating.
 
@@ -785,49 +873,76 @@ def rejudge(
         "recorded_layers": layers,
         "n_layers": n_layers,
     }
-    store = ExtractionStore(root, record, resume_keys=())
-    catalogue = load_catalogue(settings.roles_path, settings.questions_path)
-    rubrics = {r.name: r.rubric for r in catalogue.roles}
-    judge = make_judge(judge_spec, model=model, tokenizer=tokenizer)
-    states = {role: store.load_role(role) for role in store.roles()}
-    bar = tqdm(
-        total=sum(len(s.records) for s in states.values()),
-        desc="re-judging",
-        unit="rollout",
-        disable=not progress,
-        dynamic_ncols=True,
-    )
-    for role, old in states.items():
-        records = list(old.records.values())
-        if role != DEFAULT_ROLE:
-            items = [
-                JudgeItem(role, rubrics.get(role, ""), r.question, r.response) for r in records
-            ]
-            for rec, score in zip(records, judge.score(items), strict=True):
-                rec.score, rec.judge = score, judge.name
-        fresh = RoleState(role)
-        keep = set(old.sample_ids)
-        for start in range(0, len(records), batch_size):
-            chunk = records[start : start + batch_size]
-            means = record_span_means(
-                model,
-                tokenizer,
-                [r.conversation() for r in chunk],
-                layers=layers,
-                batch_size=batch_size,
+    with ExtractionStore(root, record, resume_keys=()) as store:
+        trait_scorer = None
+        if settings.trait is not None:
+            trait = trait_catalogue(settings)
+            trait_judge = make_trait_judge(
+                judge_spec, trait.rubric, model=model, tokenizer=tokenizer
             )
-            for rec, mean in zip(chunk, means, strict=True):
-                usable = rec.n_tokens > 0 and mean.shape[0] > 0
-                fresh.add(rec, mean[-1] if usable else None, keep_sample=rec.id in keep)
-            bar.update(len(chunk))
-        store.commit(fresh)
-        states[role] = fresh
-    bar.close()
-    from ..atomic import write_json
-
-    write_json(run_file, record)
-    bundle = build_bundle(store, states, settings, model=model, model_id=model_id, record=record)
-    n = sum(len(s.records) for s in states.values())
-    return ExtractionResult(
-        root, bundle, n, 0, json.loads((bundle / "bundle.json").read_text())["metadata"]
-    )
+            trait_scorer = TraitScorer(trait_judge, trait)
+        else:
+            catalogue = load_catalogue(settings.roles_path, settings.questions_path)
+            rubrics = {r.name: r.rubric for r in catalogue.roles}
+            judge = make_judge(judge_spec, model=model, tokenizer=tokenizer)
+        states = {role: store.load_role(role) for role in store.roles()}
+        bar = tqdm(
+            total=sum(len(s.records) for s in states.values()),
+            desc="re-judging",
+            unit="rollout",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+        for role, old in states.items():
+            records = list(old.records.values())
+            if trait_scorer is not None:
+                trait_items = [TraitItem(r.question, r.response) for r in records]
+                for rec, score in zip(records, trait_scorer.judge.score(trait_items), strict=True):
+                    rec.score, rec.judge = score, trait_scorer.judge.name
+            elif role != DEFAULT_ROLE:
+                items = [
+                    JudgeItem(role, rubrics.get(role, ""), r.question, r.response) for r in records
+                ]
+                for rec, score in zip(records, judge.score(items), strict=True):
+                    rec.score, rec.judge = score, judge.name
+            fresh = RoleState(role)
+            keep = set(old.sample_ids)
+            for start in range(0, len(records), batch_size):
+                chunk = records[start : start + batch_size]
+                means = record_span_means(
+                    model,
+                    tokenizer,
+                    [r.conversation() for r in chunk],
+                    layers=layers,
+                    batch_size=batch_size,
+                )
+                for rec, mean in zip(chunk, means, strict=True):
+                    usable = rec.n_tokens > 0 and mean.shape[0] > 0
+                    bucket = trait_scorer.bucket(rec) if trait_scorer is not None else None
+                    fresh.add(
+                        rec, mean[-1] if usable else None, keep_sample=rec.id in keep, bucket=bucket
+                    )
+                bar.update(len(chunk))
+            store.commit(fresh)
+            states[role] = fresh
+        bar.close()
+        store.write_settings(record)
+        if trait_scorer is not None:
+            bundle = build_trait_bundle(
+                store,
+                states,
+                settings,
+                trait_scorer,
+                model=model,
+                model_id=model_id,
+                record=record,
+                compare_with=compare_with,
+            )
+        else:
+            bundle = build_bundle(
+                store, states, settings, model=model, model_id=model_id, record=record
+            )
+        n = sum(len(s.records) for s in states.values())
+        return ExtractionResult(
+            root, bundle, n, 0, json.loads((bundle / "bundle.json").read_text())["metadata"]
+        )

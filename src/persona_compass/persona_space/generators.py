@@ -5,8 +5,8 @@ persona-compass records activations locally afterwards, in one forward pass over
 conversation. :class:`OpenAIGenerator` sends each conversation to the server with the
 extraction's sampling settings and returns the reply texts in order.
 
-Spec form (command line, configs): ``openai:URL[#model]``, parsed by
-:func:`parse_generator_spec`.
+Spec form (command line, configs): ``openai:URL[#model]``, read by
+:func:`~persona_compass.backends.parse_backend_spec` in :meth:`OpenAIGenerator.from_spec`.
 
 Example::
 
@@ -20,39 +20,20 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..backends.openai_client import OpenAIClient
+from ..backends.spec import parse_backend_spec
 from ..errors import PersonaCompassError
 from ..generation import SamplingConfig
-from ..specs import openai_target, spec_text
-from .openai_client import OpenAIClient
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_PREFIX = "openai:"
+GENERATOR_KINDS = ("openai",)
+"""The backend kinds a generator spec takes
+(:func:`~persona_compass.backends.parse_backend_spec`)."""
 
 
 class GeneratorError(PersonaCompassError):
     """A generator spec is malformed."""
-
-
-def parse_generator_spec(spec: str) -> tuple[str, str | None]:
-    """Parse ``"openai:URL[#model]"`` into ``(base_url, model or None)``.
-
-    Args:
-        spec: e.g. ``"openai:http://127.0.0.1:8000/v1#Qwen/Qwen3-8B"``.
-
-    Raises:
-        GeneratorError: the spec does not start with ``openai:`` or its URL is not http(s).
-
-    Example:
-        >>> parse_generator_spec("openai:http://127.0.0.1:8000/v1#Qwen/Qwen3-8B")
-        ('http://127.0.0.1:8000/v1', 'Qwen/Qwen3-8B')
-    """
-    if not spec_text(spec).lower().startswith(GENERATOR_PREFIX):
-        raise GeneratorError(
-            f"generator spec {spec!r} is not understood; write 'openai:URL' or "
-            "'openai:URL#MODEL', e.g. 'openai:http://127.0.0.1:8000/v1#Qwen/Qwen3-8B'"
-        )
-    return openai_target(spec, "generator spec", GeneratorError)
 
 
 class OpenAIGenerator:
@@ -94,16 +75,34 @@ class OpenAIGenerator:
             )
 
     @classmethod
-    def from_spec(cls, spec: str, **kwargs: Any) -> OpenAIGenerator:
-        """Build a generator from ``"openai:URL[#model]"``."""
-        url, model = parse_generator_spec(spec)
-        return cls(url, model, **kwargs)
+    def from_spec(
+        cls, spec: str, *, default_model: str | None = None, **kwargs: Any
+    ) -> OpenAIGenerator:
+        """Build a generator from ``"openai:URL[#model]"``.
+
+        Args:
+            spec: e.g. ``"openai:http://127.0.0.1:8000/v1#Qwen/Qwen3-8B"``.
+            default_model: the model to request when the spec names none (``None``: send no
+                model, so a single-model server uses its own).
+            **kwargs: passed to the constructor (``extra_body``, client options).
+
+        Raises:
+            GeneratorError: the spec is not ``openai:URL[#model]`` with an http(s) URL.
+        """
+        parsed = parse_backend_spec(
+            spec,
+            param="generator",
+            allowed=GENERATOR_KINDS,
+            default_model=default_model,
+            error=GeneratorError,
+        )
+        return cls(parsed.base_url, parsed.model or None, **kwargs)
 
     @property
     def name(self) -> str:
         """The spec that recreates this generator."""
         model = f"#{self.client.model}" if self.client.model else ""
-        return f"{GENERATOR_PREFIX}{self.client.base_url}{model}"
+        return f"openai:{self.client.base_url}{model}"
 
     def request_params(self, sampling: SamplingConfig) -> dict[str, Any]:
         """The request fields for these sampling settings (``extra_body`` included)."""

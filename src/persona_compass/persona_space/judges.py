@@ -40,13 +40,13 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
+from ..backends.openai_client import ClientOptions, OpenAIClient
+from ..backends.spec import accepted_forms, parse_backend_spec
 from ..chat import render_chat
 from ..errors import PersonaCompassError
 from ..generation import left_pad
 from ..jsonio import parse_json
 from ..record import padded_position_ids
-from ..specs import SELF, model_target, openai_target, spec_text
-from .openai_client import ClientOptions, OpenAIClient
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -66,11 +66,9 @@ GENERIC_RUBRIC = (
 )
 """Rubric used for a role that has none (e.g. sample items whose role is not in the catalogue)."""
 
-SPEC_FORMS = (
-    "'none' (every rollout scores 3), 'heuristic' (local regexes), "
-    "'model:SPEC' (a local chat model; 'model:self' reuses the model being studied), "
-    "'openai:URL[#model]' (an OpenAI-compatible server, default model gpt-4.1-mini)"
-)
+JUDGE_KINDS = ("none", "heuristic", "model", "openai")
+"""The backend kinds a judge spec takes (:func:`~persona_compass.backends.parse_backend_spec`)."""
+SPEC_FORMS = accepted_forms(JUDGE_KINDS, default_model=DEFAULT_OPENAI_JUDGE_MODEL)
 
 JUDGE_PROMPT = """\
 You are grading one answer from a role-play exercise. A language model was asked to play \
@@ -453,11 +451,11 @@ class OpenAIJudge:
         max_tokens: a cap on reply length (``None``: not sent).
         **client_options: ``api_key_env``, ``concurrency``, ``retries``,
             ``requests_per_second``, ``timeout``, ``backoff``
-            (:class:`~persona_compass.persona_space.openai_client.ClientOptions`), passed to
-            :class:`~persona_compass.persona_space.openai_client.OpenAIClient`.
+            (:class:`~persona_compass.backends.openai_client.ClientOptions`), passed to
+            :class:`~persona_compass.backends.openai_client.OpenAIClient`.
 
     Unreadable replies score ``None``; a request that fails for good raises
-    :class:`~persona_compass.persona_space.openai_client.OpenAIError`.
+    :class:`~persona_compass.backends.openai_client.OpenAIError`.
     """
 
     def __init__(
@@ -500,7 +498,8 @@ class OpenAIJudge:
 
 
 def make_judge(spec: str, *, model: Any = None, tokenizer: Any = None) -> Judge:
-    """Build a judge from its spec.
+    """Build a judge from its spec, read by
+    :func:`~persona_compass.backends.parse_backend_spec` with :data:`JUDGE_KINDS`.
 
     Args:
         spec: ``"none"``, ``"heuristic"``, ``"model:SPEC"`` (``"model:self"`` reuses
@@ -514,25 +513,27 @@ def make_judge(spec: str, *, model: Any = None, tokenizer: Any = None) -> Judge:
         >>> make_judge("heuristic").name
         'heuristic'
     """
-    lowered = spec_text(spec).lower()
-    if lowered == "none":
+    parsed = parse_backend_spec(
+        spec,
+        param="judge",
+        allowed=JUDGE_KINDS,
+        default_model=DEFAULT_OPENAI_JUDGE_MODEL,
+        error=JudgeError,
+    )
+    if parsed.kind == "none":
         return NoJudge()
-    if lowered == "heuristic":
+    if parsed.kind == "heuristic":
         return HeuristicJudge()
-    if lowered.startswith("model:"):
-        target = model_target(spec, "judge spec", JudgeError, SPEC_FORMS)
-        if target != SELF:
-            return ModelJudge(target)
-        if model is None or tokenizer is None:
-            raise JudgeError(
-                "judge spec 'model:self' reuses the model being studied, but no model and "
-                "tokenizer were given; pass them, or name a model: 'model:ALIAS_OR_PATH'"
-            )
-        return ModelJudge(model, tokenizer)
-    if lowered.startswith("openai:"):
-        url, name = openai_target(spec, "judge spec", JudgeError)
-        return OpenAIJudge(url, name or DEFAULT_OPENAI_JUDGE_MODEL)
-    raise JudgeError(f"unknown judge spec {spec!r}; accepted forms: {SPEC_FORMS}")
+    if parsed.kind == "openai":
+        return OpenAIJudge(parsed.base_url, parsed.model)
+    if not parsed.is_self:
+        return ModelJudge(parsed.model)
+    if model is None or tokenizer is None:
+        raise JudgeError(
+            "judge spec 'model:self' reuses the model being studied, but no model and "
+            "tokenizer were given; pass them, or name a model: 'model:ALIAS_OR_PATH'"
+        )
+    return ModelJudge(model, tokenizer)
 
 
 # --------------------------------------------------------------------------- agreement

@@ -3,6 +3,7 @@
 Layout of an extraction folder ``DIR``::
 
     DIR/run.json                      settings of the run (a resume must match them)
+    DIR/.persona-compass.lock         held by the run writing the folder (one at a time)
     DIR/activations/{role}.safetensors  running sums per score bucket, sampled per-rollout
                                       means (float16), and the role's rollout records; one
                                       row per recorded layer (run.json's recorded_layers)
@@ -34,9 +35,11 @@ from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_path, read_json_object, write_json, write_text
 from ..errors import PersonaCompassError
+from ..run_folder import ResumeRule, RunFolder
 
 logger = logging.getLogger(__name__)
 
+RUN_FILE = "run.json"
 STATE_FORMAT = "persona-compass-role-state/1"
 UNSCORED = "unscored"
 
@@ -100,14 +103,23 @@ class RoleState:
     sample_ids: list[str] = field(default_factory=list)
     samples: list[torch.Tensor] = field(default_factory=list)  # each (L, D) float16
 
-    def add(self, record: RolloutRecord, mean: torch.Tensor | None, *, keep_sample: bool) -> None:
-        """Add a finished rollout; ``mean`` (L, D) is None when it had no content tokens."""
+    def add(
+        self,
+        record: RolloutRecord,
+        mean: torch.Tensor | None,
+        *,
+        keep_sample: bool,
+        bucket: str | None = None,
+    ) -> None:
+        """Add a finished rollout; ``mean`` (L, D) is None when it had no content tokens.
+
+        Its activations go to ``bucket`` (default: the judge score's, :func:`bucket_of`)."""
         if record.id in self.records:
             raise StoreError(f"rollout {record.id} is already in the store")
         self.records[record.id] = record
         if mean is None:
             return
-        bucket = bucket_of(record.score)
+        bucket = bucket or bucket_of(record.score)
         mean = mean.detach().to("cpu", torch.float32)
         self.sums[bucket] = self.sums[bucket] + mean if bucket in self.sums else mean.clone()
         self.counts[bucket] = self.counts.get(bucket, 0) + 1
@@ -180,7 +192,11 @@ class RoleState:
 
 
 class ExtractionStore:
-    """The folder of one extraction run: settings, per-role states, research-format responses."""
+    """The folder of one extraction run: settings, per-role states, research-format responses.
+
+    The folder is held (locked) from opening until :meth:`close`, or the end of a ``with``
+    block, so that two runs never write into it at once.
+    """
 
     def __init__(
         self,
@@ -197,30 +213,34 @@ class ExtractionStore:
         """
         self.root = Path(root)
         self.settings = settings
-        run_file = self.root / "run.json"
-        if run_file.exists():
-            try:
-                previous = json.loads(run_file.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
-                raise StoreError(f"{run_file}: unreadable ({exc}); use a new --out") from None
-            old = {**(legacy or {}), **previous}
-            diffs = [
-                f"{k}: {old.get(k)!r} -> {settings.get(k)!r}"
-                for k in resume_keys
-                if old.get(k) != settings.get(k)
-            ]
-            if diffs:
-                raise StoreError(
-                    f"{self.root} holds a run with other settings ({'; '.join(diffs)}); "
-                    f"resume with the same settings (see {run_file}) or choose a new --out"
-                )
-            logger.info("resuming the run in %s", self.root)
-        elif self.root.exists() and any(self.root.iterdir()):
-            raise StoreError(f"{self.root} is not empty and holds no run.json; choose a new --out")
-        else:
-            write_json(run_file, settings)
-        (self.root / "activations").mkdir(parents=True, exist_ok=True)
-        (self.root / "responses").mkdir(parents=True, exist_ok=True)
+        self.folder = RunFolder(
+            self.root, settings_file=RUN_FILE, what="an extraction run", error=StoreError
+        ).open()
+        try:
+            if self.folder.resume(settings, ResumeRule(resume_keys, dict(legacy or {}))) is None:
+                self.folder.write_settings(settings)
+            else:
+                logger.info("resuming the run in %s", self.root)
+            (self.root / "activations").mkdir(parents=True, exist_ok=True)
+            (self.root / "responses").mkdir(parents=True, exist_ok=True)
+        except BaseException:
+            self.folder.close()
+            raise
+
+    def close(self) -> None:
+        """Let go of the folder (another run may then open it)."""
+        self.folder.close()
+
+    def __enter__(self) -> ExtractionStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def write_settings(self, settings: dict[str, Any]) -> None:
+        """Replace the run's settings record (a re-judged run records its new judge)."""
+        self.settings = settings
+        self.folder.write_settings(settings)
 
     def state_path(self, role: str) -> Path:
         return self.root / "activations" / f"{role}.safetensors"

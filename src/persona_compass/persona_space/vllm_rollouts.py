@@ -172,7 +172,7 @@ class VLLMRollouts:
                         raise PersonaCompassError(
                             f"{job.id}: a {len(prompt)}-token prompt and {budget} new tokens "
                             f"exceed the vllm engine's max_model_len {self.max_model_len}; lower "
-                            "--max-new-tokens"
+                            "`max_new_tokens`"
                         )
                     cid = uuid.uuid4().hex
                     params = self._params(sampling, job_seed(seed, job.id), cid)

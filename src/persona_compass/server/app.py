@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
 
 from ..axis import Axis
+from ..bundle import Bundle
 from ..capping import CappingConfig
 from ..compass import Answer
 from ..errors import PersonaCompassError
@@ -358,7 +359,7 @@ def create_vllm_app(engine: Any, config: ServerConfig) -> FastAPI:
 
 
 def create_app_from_specs(
-    axis_spec: str,
+    axis_spec: str | Bundle,
     model_spec: str | None,
     config: ServerConfig,
     *,
@@ -366,10 +367,12 @@ def create_app_from_specs(
     engine: str = "hf",
     engine_options: dict[str, Any] | None = None,
 ) -> FastAPI:
-    """The server for an axis bundle (folder or shipped alias) and a model spec.
+    """The server for an axis bundle (folder, shipped alias or an opened
+    :class:`~persona_compass.Bundle`) and a model spec.
 
-    The bundle, its capping config (``capping.json``, if any) and the model (default: the
-    bundle's model) load in the app's lifespan, before the server accepts connections.
+    The bundle (unless already opened), its capping config (``capping.json``, if any) and the
+    model (default: the bundle's model) load in the app's lifespan, before the server accepts
+    connections.
     ``config.model_name`` left empty becomes the model spec.
 
     ``engine``: ``hf`` generates one answer at a time in this process; ``vllm`` starts a
@@ -380,18 +383,16 @@ def create_app_from_specs(
 
     check_engine_name(engine)
     if engine == "hf" and engine_options:
-        raise ServerConfigError(f"engine options {sorted(engine_options)} are for --engine vllm")
+        raise ServerConfigError(f"engine options {sorted(engine_options)} are for `engine='vllm'`")
 
     def load() -> CompassState:
-        from ..bundles import resolve_bundle
-        from ..cli.common import DEFAULT_MODEL, load_axis_and_model
-
-        bundle = resolve_bundle(axis_spec)
+        bundle = axis_spec if isinstance(axis_spec, Bundle) else Bundle.open(axis_spec)
+        spec = bundle.model_spec(model_spec)
+        cfg = config if config.model_name else replace(config, model_name=spec)
         if engine == "vllm":
             from ..engines.vllm_engine import VLLMEngine
             from .vllm_state import VLLMCompassState
 
-            spec = model_spec or Axis.load(bundle).model_id or DEFAULT_MODEL
             # vLLM's engine core in its own process: the model computes while this process
             # streams and serves HTTP (in one process they would take turns on the GIL).
             options = {
@@ -400,12 +401,9 @@ def create_app_from_specs(
                 **(engine_options or {}),
             }
             started = VLLMEngine(spec, bundle, dtype=dtype or "auto", **options)
-            cfg = config if config.model_name else replace(config, model_name=spec)
             return VLLMCompassState(started, cfg)
-        axis, model, tokenizer, spec = load_axis_and_model(str(bundle), model_spec, dtype)
-        cap = CappingConfig.load_optional(bundle)
-        cfg = config if config.model_name else replace(config, model_name=spec)
-        return CompassState(model, tokenizer, axis, cap, cfg)
+        model, tokenizer = bundle.load_model(spec, dtype=dtype)
+        return CompassState(model, tokenizer, bundle.axis, bundle.capping, cfg)
 
     return _build_app(config, load, eager=False)
 

@@ -1,8 +1,10 @@
 """A small, thread-safe client for OpenAI-compatible chat-completion servers.
 
-Extraction talks to such servers twice: a remote generator writes the rollouts
-(:mod:`persona_compass.persona_space.generators`) and a remote judge scores them
-(:mod:`persona_compass.persona_space.judges`). Both send many independent requests, so the
+Every ``openai:URL[#model]`` backend talks to its server through this client: the remote
+rollout generator (:mod:`persona_compass.persona_space.generators`), the extraction judge
+(:mod:`persona_compass.persona_space.judges`), the simulated user
+(:mod:`persona_compass.evaluation.users`) and the outcome judge
+(:mod:`persona_compass.evaluation.outcome_llm`). They send many independent requests, so the
 client runs them in parallel with a fixed bound, spaces them with an optional rate limit, and
 retries the failures that are worth retrying:
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 
 import pytest
 import torch
@@ -158,3 +159,52 @@ def test_load_errors(tmp_path):
     (tmp_path / CALIBRATION_FILE).write_text(json.dumps({"percentiles": [0, 100]}))
     with pytest.raises(AxisFileError, match="lacks values, n_samples"):
         Calibration.load(tmp_path)
+
+
+# ---- per-token tables ------------------------------------------------------------------------
+
+
+def test_token_tables_round_trip_and_leave_old_files_unchanged(tmp_path, projections):
+    cal = Calibration.from_projections(projections, source="means")
+    assert "tokens" not in cal.to_dict() and cal.tokens == {}  # what earlier versions wrote
+    role = Calibration.from_projections(projections[:100] - 1, source="role tokens")
+    default = Calibration.from_projections(projections[100:] + 1, source="default tokens")
+    both = cal.with_tokens(roleplay=role, default=default)
+    assert cal.tokens == {} and set(both.tokens) == {"roleplay", "default"}
+    assert both.token_table("roleplay") is both.tokens["roleplay"]
+    assert cal.token_table("default") is None
+    for again in (
+        Calibration.from_dict(json.loads(json.dumps(both.to_dict()))),
+        Calibration.load(both.save(tmp_path)),
+        pickle.loads(pickle.dumps(both)),
+    ):
+        assert torch.equal(again.values, cal.values) and again.source == "means"
+        for kind, table in both.tokens.items():
+            got = again.tokens[kind]
+            assert torch.equal(got.values, table.values)
+            assert (got.n_samples, got.source) == (table.n_samples, table.source)
+    data = both.to_dict()
+    assert data["format_version"] == 1 and "format_version" not in data["tokens"]["default"]
+    # a reader that knows nothing of tokens reads the response-mean table as before
+    plain = {k: v for k, v in data.items() if k != "tokens"}
+    assert Calibration.from_dict(plain).to_dict() == cal.to_dict()
+
+
+def test_token_table_validation(projections):
+    cal = Calibration.from_projections(projections)
+    other = Calibration.from_projections(projections[:, :2])
+    with pytest.raises(AxisFileError, match="the kinds are roleplay, default"):
+        cal.with_tokens(judged=cal)
+    with pytest.raises(AxisFileError, match="covers 2 layers but the calibration 3"):
+        cal.with_tokens(default=other)
+    with pytest.raises(AxisFileError, match="without tables of its own"):
+        cal.with_tokens(default=cal.with_tokens(roleplay=cal))
+    with pytest.raises(ValueError, match="kind='x'"):
+        cal.token_table("x")
+    data = cal.to_dict()
+    data["tokens"] = {"default": {"percentiles": [0, 100]}}
+    with pytest.raises(AxisFileError, match=r"tokens\['default'\]: calibration data lacks"):
+        Calibration.from_dict(data)
+    data["tokens"] = ["not", "an object"]
+    with pytest.raises(AxisFileError, match="object of per-token tables"):
+        Calibration.from_dict(data)

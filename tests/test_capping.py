@@ -89,6 +89,10 @@ def test_capping_id():
     assert capping_id([2, 3], 50) == "layers_2:4-p0.5"
     assert capping_id([5, 3, 7]) == "layers_3,5,7"
     assert capping_id([0, 1], 100) == "layers_0:2-p1.0"
+    # the per-token rules are marked; the response-mean rule keeps the research's ids
+    assert capping_id(range(16, 24), 25, rule="response-mean") == "layers_16:24-p0.25"
+    assert capping_id(range(16, 24), 25, rule="token-roleplay") == "layers_16:24-tp0.25"
+    assert capping_id(range(16, 24), rule="token-default", keep=99) == "layers_16:24-keep0.99"
 
 
 # ---- construction from an axis ------------------------------------------------------------
@@ -115,6 +119,7 @@ def test_calibrate_from_projections_tensor(axis):
         expected = torch.quantile(projections[:, layer].double(), 0.25).item()
         assert tau == pytest.approx(expected, abs=1e-12)
     assert cfg.metadata["percentile"] == 25.0 and cfg.metadata["n_samples"] == 300
+    assert cfg.rule == cfg.metadata["rule"] == "response-mean"  # the default rule, recorded
     assert torch.equal(cfg.vectors, axis.units()[[1, 2, 3]])
 
 

@@ -521,3 +521,55 @@ def test_chat_in_a_pseudo_terminal(chat_setup):
             proc.kill()
             proc.wait()
         os.close(master)
+
+
+# --------------------------------------------------------------------------- trait needles
+
+
+def save_trait_bundle(setup, folder, name="malice", layer=1):
+    """A trait bundle for the tiny chat model: a random direction calibrated on its tokens."""
+    base = Axis.load(setup["bundle"])
+    g = torch.Generator().manual_seed(11)
+    directions = torch.randn(base.n_layers, base.d_model, generator=g)
+    trait = dataclasses.replace(
+        base, directions=directions, monitor_layer=layer, metadata={"kind": "trait", "trait": name}
+    )
+    trait.save(folder)
+    return folder
+
+
+def test_chat_trait_needles_get_a_meter_each(chat_setup, tmp_path):
+    folder = save_trait_bundle(chat_setup, tmp_path / "malice")
+    auto = tmp_path / "auto.json"
+    result = run_chat(
+        chat_setup,
+        ["Hello there, who are you?", "/quit"],
+        "--trait",
+        str(folder),
+        "--save",
+        str(auto),
+    )
+    assert result.exit_code == 0, result.output
+    [transcript] = load_transcripts(auto)
+    reading = transcript.readings[0]["traits"]["malice"]
+    assert set(reading) == {"projection", "percentile"}
+    [meter] = [line for line in plain(result.output).splitlines() if "malice ▕" in line]
+    assert meter.rstrip().endswith(f"p{reading['percentile']:.0f}")
+    wrong = run_chat(chat_setup, ["/quit"], "--trait", str(chat_setup["bare"]))
+    assert wrong.exit_code == 1 and "is not a trait axis" in wrong.output
+
+
+def test_live_view_and_meter_of_a_rising_needle():
+    from persona_compass.monitor import TraitReading
+
+    view = LiveAnswer(threshold=25.0, capped=False)
+    view.update(Delta("Hi", 2, 0.5, 60.0, {"malice": TraitReading(1.0, 90.0)}))
+    console = Console(record=True, width=80, height=10)
+    console.print(view)
+    frame = console.export_text()
+    assert "malice ▕" in frame and "p90" in frame
+    # a trait drifts upward: 90 is red on its meter, green on the axis' meter
+    high = drift_meter(90.0, rising=True)
+    assert percentile_colour(10.0) in str(high.spans) and percentile_colour(90.0) not in str(
+        high.spans
+    )

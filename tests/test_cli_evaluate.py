@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 from tiny import save_tiny_bundle
 
+from persona_compass.axis import Axis
+from persona_compass.calibration import Calibration
 from persona_compass.capping import CappingConfig
 from persona_compass.cli import main
 
@@ -170,3 +174,34 @@ def test_sweep_writes_the_recommended_capping_into_a_bundle_copy(setup, tmp_path
               "--turns", "1", "--write-capping", str(target)),
     )  # fmt: skip
     assert again.exit_code == 1 and "already exists" in again.output
+
+
+def test_sweep_over_rules_records_each_rule_and_writes_the_picks(setup, tmp_path):
+    bundle = setup[0]
+    args = ["--sweep", "--windows", "1:3", "--rules", "token-default,response-mean",
+            "--percentiles", "25", "--keeps", "99,90", "--turns", "1", "--json"]  # fmt: skip
+    missing = CliRunner().invoke(main, _args(setup, tmp_path / "none", *args))
+    assert missing.exit_code == 1 and "axis calibrate --force BUNDLE" in missing.output
+    axis = Axis.load(bundle)
+    assert axis.calibration is not None
+    tokens = Calibration.from_projections(torch.randn(500, axis.n_layers), source="tokens")
+    calibration = axis.calibration.with_tokens(roleplay=tokens, default=tokens)
+    dataclasses.replace(axis, calibration=calibration).save(bundle)
+    target = tmp_path / "picked"
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(main, _args(setup, out, *args, "--write-capping", str(target)))
+    assert result.exit_code == 0, result.output
+    names = [r["condition"] for r in json.loads(result.stdout)["by_condition"]]
+    assert names == ["unsteered", "cap:1:3@keep99", "cap:1:3@keep90", "cap:1:3@p25"]
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["name"]: r for r in results["sweep"]["rows"]}
+    assert (rows["cap:1:3@keep90"]["rule"], rows["cap:1:3@keep90"]["keep"]) == ("token-default", 90)
+    assert rows["cap:1:3@p25"]["rule"] == "response-mean" and rows["unsteered"]["rule"] is None
+    assert results["settings"]["sweep"]["rules"] == ["token-default", "response-mean"]
+    picked = CappingConfig.load(target)
+    chosen = results["sweep"]["recommendation"]["choice"]
+    assert picked.rule == rows[chosen]["rule"]  # the calibration rule, not the sweep's text
+    assert picked.metadata["recommendation_rule"].startswith("Among the settings")
+    bad = CliRunner().invoke(main, _args(setup, tmp_path / "bad", "--sweep", "--windows", "1:3",
+                                         "--rules", "p25"))  # fmt: skip
+    assert bad.exit_code == 1 and "rule 'p25' is unknown" in bad.output

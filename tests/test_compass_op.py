@@ -147,3 +147,68 @@ def test_registered_op_runs_inside_torch_compile_and_follows_table_writes():
     # with no active tables the op changes nothing
     hidden, residual = _hidden()
     assert torch.equal(torch.ops.persona_compass.steer_cap(hidden, residual, 3), hidden)
+
+
+def _trait_tables():
+    """Op layers 3 and 5 (monitor 5); needles 0 and 2 on layer 3, needle 1 on layer 5."""
+    gen = torch.Generator().manual_seed(11)
+    needles = [(3, torch.randn(D, generator=gen)) for _ in range(3)]
+    needles[1] = (5, needles[1][1])
+    tables = _tables(trait_units=needles)
+    return tables, [torch.nn.functional.normalize(v, dim=0).double() for _, v in needles]
+
+
+def test_trait_readings_equal_the_changed_output_in_float64():
+    tables, units = _trait_tables()
+    hidden, residual = _hidden(n=8)
+    block = hidden + residual
+    slots = torch.tensor([1, 1, 0, 2, 1, 2, 0, 1])
+    steer = {1: 4.0, 2: -6.0}
+    # float64 reference: the hf operators in order (steer, then floor), read after the change
+    axis_unit = tables.vectors[tables.position[3], 0].double()
+    alpha = torch.tensor([steer.get(s, 0.0) for s in slots.tolist()]).double()
+    ref = block.double() + alpha[:, None] * axis_unit
+    v = torch.nn.functional.normalize(torch.randn(D, dtype=torch.float64), dim=0)
+    capped = slots == 1
+    tau = float((ref[capped] @ v).median())  # the floor raises some capped tokens, not all
+    below = ref[capped] @ v < tau
+    assert below.any() and not below.all()
+    ref[capped] += torch.relu(tau - ref[capped] @ v)[:, None] * v
+    row = tables.add_vector(3, v.float())  # after the tables were made: the cross term follows
+    tables.set_slot(1, caps=[(3, row, tau)], steer=[(3, steer[1])])
+    tables.set_slot(2, steer=[(3, steer[2])])
+    tables.token_slot[:8] = slots
+    tables.trait_readings.fill_(float("nan"))
+    out = apply_compass(tables, 3, block, hidden)
+    torch.testing.assert_close((out + residual).double(), ref, rtol=0, atol=1e-4)
+    for j in (0, 2):  # the needles of layer 3, rows that are not side by side in the table
+        torch.testing.assert_close(
+            tables.trait_readings[j, :8].double(), ref @ units[j], rtol=0, atol=1e-4
+        )
+    # layer 5 did not run: its needle and every position past the batch stay unwritten
+    assert torch.isnan(tables.trait_readings[1]).all()
+    assert torch.isnan(tables.trait_readings[:, 8:]).all()
+
+
+def test_trait_needle_on_the_monitor_layer_reads_with_the_axis():
+    tables, units = _trait_tables()
+    hidden, residual = _hidden()
+    block = hidden + residual
+    tau = float((block @ tables.vectors[tables.position[5], 0]).max()) + 1.0  # all raised
+    tables.set_slot(3, caps=[(5, 0, tau)])
+    tables.token_slot[:6] = 3
+    out = apply_compass(tables, 5, block, hidden)
+    changed = (out + residual).double()
+    torch.testing.assert_close(
+        tables.readings[:6].double(), torch.full((6,), tau).double(), rtol=0, atol=1e-4
+    )
+    torch.testing.assert_close(
+        tables.trait_readings[1, :6].double(), changed @ units[1], rtol=0, atol=1e-4
+    )
+    assert tables.raised[tables.position[5], :6].all()
+
+
+def test_trait_layers_must_be_op_layers():
+    with pytest.raises(ValueError, match=r"trait layers \[4\] are not among the op layers"):
+        _tables(trait_units=[(4, torch.ones(D))])
+    assert _tables().trait_readings.shape == (0, 32)  # no needles: nothing to read

@@ -106,9 +106,9 @@ def test_every_field_declares_whether_a_resume_must_match_it():
         "engine", "model", "model_fingerprint", "dtype", "bundle_digest", "user", "judge",
         "turns", "max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed",
         "system_prompt", "rules", "policy", "capability_max_new_tokens",
-        "capability_items_digest",
+        "capability_items_digest", "trait_digests",
     }  # fmt: skip
-    assert dict(RESUME_RULE.legacy) == {"engine": "hf"}
+    assert dict(RESUME_RULE.legacy) == {"engine": "hf", "trait_digests": None}
     free = [
         f.name
         for f in dataclasses.fields(EvaluationSettings)

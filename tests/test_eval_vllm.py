@@ -224,8 +224,8 @@ def test_cli_engine_vllm_runs_and_reports(engine, scenarios, tmp_path, monkeypat
     stands in for the one it would start, which is checked to get the CLI's options)."""
     seen = {}
 
-    def start(info, bundle, axis, conds, caps, *, batch, options=None):
-        seen.update(dtype=info.dtype, batch=batch, options=options)
+    def start(info, bundle, axis, conds, caps, *, batch, options=None, traits=()):
+        seen.update(dtype=info.dtype, batch=batch, options=options, traits=list(traits))
         return engine
 
     monkeypatch.setattr(runner_mod, "start_vllm_engine", start)
@@ -236,7 +236,12 @@ def test_cli_engine_vllm_runs_and_reports(engine, scenarios, tmp_path, monkeypat
             "--max-new-tokens", "6", "--capability-limit", "2", "--quiet"]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert seen == {"dtype": "float32", "batch": 4, "options": {"enforce_eager": True}}
+    assert seen == {
+        "dtype": "float32",
+        "batch": 4,
+        "options": {"enforce_eager": True},
+        "traits": [],
+    }
     assert collect_results(out)["engine"] == "vllm"
     assert "engine `vllm`" in (out / "report.md").read_text()
 

@@ -211,6 +211,7 @@ def test_cli_run_survives_sigkill_and_resumes_without_redoing_work(tmp_path, pai
         "progress.json",
         "responses",
         "run.json",
+        "token_projections",  # the per-token calibration's replay, one file per role
     ]
     assert {"axis.safetensors", "bundle.json", "calibration.json", "capping.json", "report.md"} <= {
         p.name for p in (out / "bundle").iterdir()
@@ -222,6 +223,7 @@ def test_cli_run_survives_sigkill_and_resumes_without_redoing_work(tmp_path, pai
     expected = default - torch.stack(roles).mean(0)
     torch.testing.assert_close(axis.directions, expected, rtol=1e-4, atol=1e-4)
     assert axis.metadata["settings"]["engine"] == "vllm"
+    assert axis.calibration is not None and set(axis.calibration.tokens) == {"roleplay", "default"}
     # a finished run generates nothing and does not start vLLM again
     again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 pytest.importorskip("vllm")
 
@@ -46,3 +47,10 @@ def test_calibrate_with_the_vllm_engine(tmp_path):
     store = CalibrationStore(run.work_dir, {}, ())
     assert all(0 < r.n_tokens <= 8 and r.response for r in store.records)
     assert store.n_layers == shipped.n_layers
+    # the per-token projections were captured in the engine, in the same pass: every token
+    # of every answer (the budget is ample), averaging to the answer's response-mean projection
+    assert set(saved.calibration.tokens) == {"roleplay", "default"}
+    assert run.n_role_tokens == saved.calibration.tokens["roleplay"].n_samples > 0
+    for rec, row, tokens in zip(store.records, store._rows, store._tokens, strict=True):
+        assert tokens is not None and rec.token_rows == tokens.shape[0] == rec.n_tokens
+        assert torch.allclose(tokens.mean(0), row, rtol=1e-4, atol=1e-3), rec.id

@@ -723,9 +723,11 @@ def test_cli_serve(monkeypatch, tiny, tmp_path):
     _, bundle = save_tiny(tiny, tmp_path)
     seen = {}
 
-    def fake_from_specs(axis_spec, model_spec, config, *, dtype=None, engine, engine_options):
+    def fake_from_specs(
+        axis_spec, model_spec, config, *, dtype=None, engine, engine_options, traits
+    ):
         seen.update(axis=axis_spec, model=model_spec, config=config, dtype=dtype)
-        seen.update(engine=engine, engine_options=engine_options)
+        seen.update(engine=engine, engine_options=engine_options, traits=traits)
         return "app"
 
     monkeypatch.setattr(server_app, "create_app_from_specs", fake_from_specs)
@@ -740,7 +742,7 @@ def test_cli_serve(monkeypatch, tiny, tmp_path):
     assert config.cap_mode == "on" and config.queue_size == 3 and config.api_key is None
     assert config.max_tokens_limit == 64 and config.default_max_tokens == 64
     assert "warning" not in result.output
-    assert seen["engine"] == "hf" and seen["engine_options"] == {}
+    assert seen["engine"] == "hf" and seen["engine_options"] == {} and seen["traits"] == []
 
     result = runner.invoke(
         main,

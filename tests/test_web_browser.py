@@ -331,3 +331,63 @@ def test_api_key_alerts_and_adaptive_cap(driver, keyed_server):
     assert p2["capped"]
     severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert not severe, severe
+
+
+# ---- trait needles: a second chart, one line per needle ------------------------------------------
+
+
+def make_trait_app():
+    import dataclasses
+
+    from persona_compass.server.app import ServerConfig, create_app
+
+    model, tok, axis = tiny_setup()
+    needles = [
+        dataclasses.replace(
+            calibrated_axis(model, seed=seed, monitor_layer=layer),
+            metadata={"kind": "trait", "trait": name},
+        )
+        for seed, layer, name in ((7, 1, "malice"), (9, 2, "sycophancy"))
+    ]
+    config = ServerConfig(model_name="tiny-traits", max_tokens_limit=64, default_max_tokens=16)
+    return create_app(model, tok, axis, cap_at(axis, 90), config, traits=needles)
+
+
+def test_trait_chart_draws_one_line_per_needle(driver):
+    with LiveServer(make_trait_app()) as live:
+        driver.get(live.url)
+        wait_for(
+            driver,
+            lambda d: d.execute_script("return window.compassState.traits.length") == 2,
+            what="the page to load the needles from /v1/compass",
+        )
+        assert driver.find_element("id", "trait-panel").get_attribute("hidden") is None
+        legend = driver.find_element("id", "trait-legend").text
+        assert "malice" in legend and "sycophancy" in legend
+        box = driver.find_element("id", "message")
+        for text in ("Hello there.", "Tell me more.\n"):
+            box.send_keys(text if text.endswith("\n") else text + "\n")
+            wait_for(
+                driver,
+                settled(1 if text == "Hello there." else 2),
+                what=f"the answer to {text!r}",
+            )
+        points = json.loads(driver.find_element("id", "trait-chart").get_attribute("data-points"))
+        assert [p["turn"] for p in points] == [1, 2]
+        for p in points:
+            assert set(p["traits"]) == {"malice", "sycophancy"}
+            assert all(0 <= v <= 100 for v in p["traits"].values())
+        assert len(driver.find_elements("css selector", "#trait-chart polyline.needle-line")) == 2
+        assert len(driver.find_elements("css selector", "#trait-chart circle.needle-point")) == 4
+        severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not severe, severe
+
+
+def test_trait_panel_is_hidden_without_needles(driver, server):
+    driver.get(server.url)
+    wait_for(
+        driver,
+        lambda d: "tiny-web" in d.find_element("id", "model-info").text,
+        what="the page to load /v1/compass",
+    )
+    assert driver.find_element("id", "trait-panel").get_attribute("hidden") is not None

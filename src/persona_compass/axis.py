@@ -376,6 +376,28 @@ class Axis:
                 raise AxisFileError(msg + "; pass strict=False to use the axis anyway")
             logger.warning("%s; using the axis anyway (strict=False)", msg)
 
+    def check_compatible(self, other: Axis) -> None:
+        """Raise AxisFileError unless this axis and ``other`` come from one model (same layers,
+        width and, where both record one, config fingerprint): a trait needle beside the
+        Assistant Axis must read the same model."""
+        fingerprints = {self.fingerprint, other.fingerprint} - {None}
+        if (self.n_layers, self.d_model) == (other.n_layers, other.d_model) and len(
+            fingerprints
+        ) <= 1:
+            return
+
+        def described(axis: Axis) -> str:
+            name = (axis.metadata or {}).get("trait") or "assistant"
+            return (
+                f"{name} ({axis.model_id or 'unknown model'}, {axis.n_layers} layers x "
+                f"{axis.d_model}, fingerprint {axis.fingerprint})"
+            )
+
+        raise AxisFileError(
+            f"the axes {described(self)} and {described(other)} come from different models; "
+            "use bundles extracted from the same model"
+        )
+
     # ---- files ----------------------------------------------------------------------------
 
     def _tensors(self) -> dict[str, Tensor]:

@@ -318,3 +318,19 @@ def _file_sha256(path: Path) -> str:
         while chunk := fh.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def open_trait_bundles(specs: Any, beside: Axis) -> list[Bundle]:
+    """Open trait needle bundles (folders, aliases or opened bundles) to read beside ``beside``.
+
+    Each must be a trait bundle (``extract --trait``) of the same model, and each trait name
+    may come once; raises :class:`AxisFileError` or
+    :class:`~persona_compass.errors.PersonaCompassError` naming the bundle otherwise.
+    """
+    from .monitor import needle_names
+
+    bundles = [spec if isinstance(spec, Bundle) else Bundle.open(spec) for spec in specs]
+    needle_names([b.axis for b in bundles])
+    for bundle in bundles:
+        bundle.axis.check_compatible(beside)
+    return bundles

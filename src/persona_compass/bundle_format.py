@@ -11,6 +11,10 @@ BUNDLE_FORMAT_VERSION = 1
 """``format_version`` of ``bundle.json``; a newer one is refused with "upgrade persona-compass"."""
 
 CALIBRATION_FORMAT_VERSION = 1
+"""``format_version`` of ``calibration.json``. Its optional ``"tokens"`` tables (per-token
+projections of role-play and default answers) were added without a new version: a reader
+that predates them ignores the key and reads the response-mean table as before, and a file
+without them is read by this version unchanged."""
 CAPPING_FORMAT_VERSION = 1
 
 AXIS_FILE = "axis.safetensors"
@@ -20,7 +24,8 @@ BUNDLE_FILE = "bundle.json"
 """Format version, library version, model id and fingerprint, shapes, monitor layer, metadata."""
 
 CALIBRATION_FILE = "calibration.json"
-"""Per-layer percentiles of reference projections (optional)."""
+"""Per-layer percentiles of reference projections (optional): of role-play response means,
+and optionally (``"tokens"``) of single tokens of role-play and of default answers."""
 
 CAPPING_FILE = "capping.json"
 """The recommended capping config (optional)."""

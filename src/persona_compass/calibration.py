@@ -4,15 +4,23 @@ A :class:`Calibration` holds, for every layer, the projections of a reference po
 persona rollouts of the extraction run) at a grid of percentiles. It turns a raw projection
 into a percentile (``percentile_of``, used by the drift monitor) and a percentile into a raw
 threshold (``threshold``, used to calibrate activation capping).
+
+A calibration may also carry per-token tables (:attr:`Calibration.tokens`): the same kind of
+table over the projections of individual answer tokens, of role-play answers (``"roleplay"``)
+and of default-Assistant answers (``"default"``). A response mean hides its tokens, and
+capping acts on every token: the token tables let a capping rule see what it will touch
+(:meth:`persona_compass.CappingConfig.calibrate`, ``rule=``). They live in the same
+``calibration.json`` under ``"tokens"``; a file without them reads as before.
 """
 
 from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, overload
 
 import torch
@@ -23,6 +31,8 @@ from .bundle_format import CALIBRATION_FILE, CALIBRATION_FORMAT_VERSION
 from .errors import AxisFileError
 
 DEFAULT_GRID: tuple[float, ...] = tuple(float(p) for p in range(101))
+TOKEN_KINDS: tuple[str, ...] = ("roleplay", "default")
+"""The per-token tables a calibration may carry: role-play and default-Assistant answers."""
 
 
 def quantiles(samples: Tensor, percentiles: Sequence[float]) -> Tensor:
@@ -80,6 +90,9 @@ class Calibration:
         values: (L, P) float64 projections at those percentiles, non-decreasing along P.
         n_samples: how many reference samples the table was computed from.
         source: free text saying what the samples were (e.g. ``"role rollouts, score 3"``).
+        tokens: per-token tables by kind (``"roleplay"``, ``"default"``; see
+            :data:`TOKEN_KINDS`), each a Calibration over single answer tokens with the same
+            layers; empty when the bundle has none (made before they were recorded).
 
     Example:
         >>> cal = Calibration.from_projections(torch.randn(1000, 4))  # (N, L)
@@ -91,6 +104,7 @@ class Calibration:
     values: Tensor
     n_samples: int
     source: str = ""
+    tokens: Mapping[str, Calibration] = field(default_factory=dict)
     _tables: dict[torch.device, tuple[Tensor, Tensor]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -127,12 +141,59 @@ class Calibration:
             raise AxisFileError(f"calibration n_samples={self.n_samples} must be at least 1")
         if not isinstance(self.source, str):
             raise AxisFileError(f"calibration source={self.source!r} must be a string")
+        object.__setattr__(self, "tokens", MappingProxyType(self._checked_tokens()))
+
+    def _checked_tokens(self) -> dict[str, Calibration]:
+        if not isinstance(self.tokens, Mapping):
+            raise AxisFileError(
+                f"calibration tokens must map {' / '.join(TOKEN_KINDS)} to tables, got "
+                f"{type(self.tokens).__name__}"
+            )
+        tokens = dict(self.tokens)
+        for kind, table in tokens.items():
+            if kind not in TOKEN_KINDS:
+                raise AxisFileError(
+                    f"calibration tokens has a table {kind!r}; the kinds are "
+                    f"{', '.join(TOKEN_KINDS)}"
+                )
+            if not isinstance(table, Calibration) or table.tokens:
+                raise AxisFileError(
+                    f"calibration tokens[{kind!r}] must be a Calibration without tables of its own"
+                )
+            if table.n_layers != self.n_layers:
+                raise AxisFileError(
+                    f"calibration tokens[{kind!r}] covers {table.n_layers} layers but the "
+                    f"calibration {self.n_layers}; compute both on the same axis"
+                )
+        return tokens
+
+    # Read-only mapping proxies cannot be pickled: pickle a plain dict, drop device copies.
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "tokens": dict(self.tokens), "_tables": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            object.__setattr__(self, key, value)
+        object.__setattr__(self, "tokens", MappingProxyType(dict(state["tokens"])))
 
     def __repr__(self) -> str:
+        tokens = f", tokens={list(self.tokens)}" if self.tokens else ""
         return (
             f"Calibration(n_layers={self.n_layers}, percentiles={len(self.percentiles)}, "
-            f"n_samples={self.n_samples}, source={self.source!r})"
+            f"n_samples={self.n_samples}, source={self.source!r}{tokens})"
         )
+
+    def token_table(self, kind: str) -> Calibration | None:
+        """The per-token table ``kind`` (``"roleplay"`` or ``"default"``), None if absent."""
+        if kind not in TOKEN_KINDS:
+            raise ValueError(f"kind={kind!r} must be one of {', '.join(TOKEN_KINDS)}")
+        return self.tokens.get(kind)
+
+    def with_tokens(self, **tables: Calibration | None) -> Calibration:
+        """A copy that also carries per-token tables (``roleplay=``, ``default=``; None
+        leaves a kind out)."""
+        merged = {**self.tokens, **{k: v for k, v in tables.items() if v is not None}}
+        return Calibration(self.percentiles, self.values, self.n_samples, self.source, merged)
 
     @property
     def n_layers(self) -> int:
@@ -237,14 +298,23 @@ class Calibration:
         return v0 + (p - p0) / (p1 - p0) * (v1 - v0)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (floats are float64, so the table round-trips exactly)."""
-        return {
+        """A JSON-ready dict (floats are float64, so the table round-trips exactly).
+
+        Per-token tables go under ``"tokens"``, only when there are some: a calibration
+        without them writes exactly what earlier versions wrote."""
+        data: dict[str, Any] = {
             "format_version": CALIBRATION_FORMAT_VERSION,
             "source": self.source,
             "n_samples": self.n_samples,
             "percentiles": list(self.percentiles),
             "values": self.values.tolist(),
         }
+        if self.tokens:
+            data["tokens"] = {
+                kind: {k: v for k, v in table.to_dict().items() if k != "format_version"}
+                for kind, table in self.tokens.items()
+            }
+        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> Calibration:
@@ -262,11 +332,26 @@ class Calibration:
         missing = [k for k in ("percentiles", "values", "n_samples") if k not in data]
         if missing:
             raise AxisFileError(f"calibration data lacks {', '.join(missing)}")
+        raw_tokens = data.get("tokens") or {}
+        if not isinstance(raw_tokens, dict) or any(
+            not isinstance(t, dict) or "tokens" in t for t in raw_tokens.values()
+        ):
+            raise AxisFileError(
+                "calibration tokens must be an object of per-token tables, e.g. "
+                '{"roleplay": {...}, "default": {...}}'
+            )
+        tokens = {}
+        for kind, table in raw_tokens.items():
+            try:
+                tokens[kind] = cls.from_dict(table)
+            except AxisFileError as exc:
+                raise AxisFileError(f"calibration tokens[{kind!r}]: {exc}") from None
         return cls(
             percentiles=data["percentiles"],
             values=data["values"],
             n_samples=data["n_samples"],
             source=data.get("source", ""),
+            tokens=tokens,
         )
 
     def save(self, path: str | os.PathLike[str]) -> Path:

@@ -4,8 +4,9 @@ Capping keeps the persona coordinate from falling below a threshold on a window 
 ``h <- h + max(tau_l - h·v_l, 0) v_l`` at every position (the "floor" form, ``v`` the unit
 axis). The research release stores the same operation as a "ceiling" on the negated axis,
 ``h <- h - max(h·u - tau', 0) u`` with ``u = -v`` and ``tau' = -tau``; both are supported and
-give identical activations. Thresholds are calibrated as a percentile of the projections of
-role-play rollouts (the paper's best: the 25th percentile on upper-middle layers).
+give identical activations. Thresholds are calibrated by a named rule (:data:`RULES`): the
+research's percentile of role-play response means (the paper's best: the 25th percentile on
+upper-middle layers), or a rule on per-token projections, which is what the cap acts on.
 """
 
 from __future__ import annotations
@@ -40,12 +41,38 @@ from .layers import normalize_layers
 
 Form = Literal["floor", "ceiling"]
 
+RULES: tuple[str, ...] = ("response-mean", "token-default", "token-roleplay")
+"""How :meth:`CappingConfig.calibrate` turns reference projections into thresholds, per layer:
 
-def capping_id(layers: Sequence[int], percentile: float | None = None) -> str:
+- ``response-mean`` (the research's, the default): the ``percentile``-th percentile of the
+  role-play answers' response means.
+- ``token-default``: the highest floor that leaves at least ``keep`` % (default 99) of the
+  default-Assistant answers' tokens untouched (at or above it): of their n per-token
+  projections, the m-th largest, m = ceil(keep % of n). In ceiling form, the lowest ceiling
+  that leaves them at or below it (the m-th smallest).
+- ``token-roleplay``: the ``percentile``-th percentile of the role-play answers' per-token
+  projections.
+"""
+DEFAULT_RULE = "response-mean"
+DEFAULT_PERCENTILE = 25.0
+DEFAULT_KEEP = 99.0
+TOKEN_TABLE = {"token-default": "default", "token-roleplay": "roleplay"}
+"""The per-token table (:attr:`Calibration.tokens`) each token rule reads."""
+
+
+def capping_id(
+    layers: Sequence[int],
+    percentile: float | None = None,
+    *,
+    rule: str = DEFAULT_RULE,
+    keep: float | None = None,
+) -> str:
     """A config name in the research release's style.
 
     ``[16, ..., 23]`` and 25.0 give ``"layers_16:24-p0.25"`` (half-open range, percentile
-    as a fraction); a non-contiguous selection is listed, ``"layers_3,5,7-p0.25"``.
+    as a fraction); a non-contiguous selection is listed, ``"layers_3,5,7-p0.25"``. The
+    token rules are marked: ``"layers_16:24-tp0.25"`` (``token-roleplay``),
+    ``"layers_16:24-keep0.99"`` (``token-default`` with ``keep=99``).
     """
     unique = sorted(set(layers))
     if unique and unique == list(range(unique[0], unique[-1] + 1)):
@@ -53,9 +80,45 @@ def capping_id(layers: Sequence[int], percentile: float | None = None) -> str:
     else:
         window = ",".join(str(layer) for layer in unique)
     name = f"layers_{window}"
-    if percentile is not None:
-        name += f"-p{round(float(percentile) / 100.0, 6)!r}"
+    if rule == "token-default" and keep is not None:
+        name += f"-keep{round(float(keep) / 100.0, 6)!r}"
+    elif percentile is not None:
+        mark = "tp" if rule == "token-roleplay" else "p"
+        name += f"-{mark}{round(float(percentile) / 100.0, 6)!r}"
     return name
+
+
+def keep_rank(n: int, keep: float) -> int:
+    """How many of ``n`` samples must stay untouched to keep ``keep`` % of them: ceil, >= 1."""
+    return min(n, max(1, math.ceil(round(keep * n / 100.0, 9))))
+
+
+def keep_percentile(n: int, keep: float, form: Form = "floor") -> float:
+    """Where the ``token-default`` threshold sits among ``n`` sorted samples, as a percentile
+    in the linear convention of :func:`~persona_compass.calibration.quantiles`: the m-th
+    largest (floor) or m-th smallest (ceiling) sample, m = :func:`keep_rank`."""
+    if n <= 1:
+        return 0.0 if form == "floor" else 100.0
+    m = keep_rank(n, keep)
+    index = n - m if form == "floor" else m - 1  # 0-based, in ascending order
+    return 100.0 * index / (n - 1)
+
+
+def _number(name: str, value: Any, low: float, high: float, example: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CappingConfigError(f"{name}={value!r} must be a number in [{low:g}, {high:g}]")
+    if not low <= float(value) <= high:
+        raise CappingConfigError(f"{name}={value!r} must be in [{low:g}, {high:g}] ({example})")
+    return float(value)
+
+
+def _missing_tokens(rule: str, calibration: Calibration) -> CappingConfigError:
+    return CappingConfigError(
+        f"rule {rule!r} needs the per-token projections of {TOKEN_TABLE[rule]} answers, and "
+        f"this calibration has none (it holds {calibration.source or 'response means only'}); "
+        "record them with `persona-compass axis calibrate --force BUNDLE --model MODEL`, or "
+        "re-extract the bundle with this version of persona-compass"
+    )
 
 
 def _axis_rows_sha(rows: Tensor) -> str:
@@ -277,72 +340,88 @@ class CappingConfig:
         axis: Axis,
         projections: Calibration | Tensor,
         layers: int | Iterable[int] | str,
-        percentile: float = 25.0,
+        percentile: float | None = None,
         *,
+        rule: str = DEFAULT_RULE,
+        keep: float | None = None,
         name: str | None = None,
         form: Form = "floor",
     ) -> CappingConfig:
-        """Floors on the axis at a percentile of reference projections, per layer.
+        """Floors on the axis at thresholds a rule reads off reference projections, per layer.
 
         With ``form="ceiling"`` the thresholds are ceilings instead: a trait axis capped at,
         say, its 75th percentile keeps every token at or below that much of the trait.
 
         Args:
             axis: the Assistant Axis (or a trait axis, with ``form="ceiling"``).
-            projections: a :class:`Calibration`, or (N, n_layers) projections of reference
-                (role-play) rollouts on the axis; a tensor gives exact percentiles.
+            projections: a :class:`Calibration` (the rule reads its table: the response-mean
+                table, or the per-token table in :attr:`Calibration.tokens`), or the rule's
+                population as an (N, n_layers) tensor of projections on the axis (response
+                means of role play; tokens of default or of role-play answers), which gives
+                exact thresholds.
             layers: the window to cap, e.g. ``"16:24"`` (half-open) or a list.
-            percentile: in [0, 100]; the paper's best is 25.
-            name: default like ``"layers_16:24-p0.25"``.
+            percentile: in [0, 100] for ``response-mean`` and ``token-roleplay`` (default
+                25, the paper's best); not for ``token-default``.
+            rule: one of :data:`RULES`.
+            keep: for ``token-default``: the share of default-answer tokens to leave
+                untouched, in (0, 100] (default 99).
+            name: default like ``"layers_16:24-p0.25"`` (see :func:`capping_id`).
+
+        The config's metadata records ``rule``, ``percentile`` or ``keep``, ``n_samples``
+        and ``calibration_source``. On a table, ``token-default`` reads the table at the
+        percentile where the m-th sample of its ``n_samples`` sits, interpolated between
+        the table's percentiles (exact on a tensor).
+
+        Raises:
+            CappingConfigError: an unknown rule, a number out of range or given to the
+                wrong rule, a calibration without the rule's per-token table (the message
+                says how to record it), or projections of the wrong shape.
         """
-        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)):
-            raise CappingConfigError(f"percentile={percentile!r} must be a number in [0, 100]")
-        p = float(percentile)
-        if not 0.0 <= p <= 100.0:
-            raise CappingConfigError(
-                f"percentile={percentile!r} must be in [0, 100] (e.g. 25 for the 25th percentile)"
-            )
+        if rule not in RULES:
+            raise CappingConfigError(f"rule={rule!r} is unknown; use one of {', '.join(RULES)}")
+        if rule == "token-default":
+            if percentile is not None:
+                raise CappingConfigError(
+                    "rule 'token-default' takes keep= (the share of default-answer tokens to "
+                    "leave untouched, e.g. 99), not percentile="
+                )
+            amount = _number("keep", DEFAULT_KEEP if keep is None else keep, 0.0, 100.0, "e.g. 99")
+            if amount == 0.0:
+                raise CappingConfigError("keep=0 leaves no token untouched; use e.g. 99")
+            meta: dict[str, Any] = {"rule": rule, "keep": amount}
+        else:
+            if keep is not None:
+                raise CappingConfigError(
+                    f"keep= is for rule='token-default'; rule {rule!r} takes percentile="
+                )
+            p = DEFAULT_PERCENTILE if percentile is None else percentile
+            amount = _number("percentile", p, 0.0, 100.0, "e.g. 25 for the 25th percentile")
+            meta = {"percentile": amount, "rule": rule}
         chosen = normalize_layers(layers, axis.n_layers)
-        meta: dict[str, Any] = {"percentile": p}
         if isinstance(projections, Calibration):
-            if projections.n_layers != axis.n_layers:
-                raise CappingConfigError(
-                    f"the calibration covers {projections.n_layers} layers but the axis has "
-                    f"{axis.n_layers}; use the calibration made with this axis"
-                )
-            try:
-                taus = [projections.threshold(layer, p) for layer in chosen]
-            except ValueError as exc:
-                raise CappingConfigError(str(exc)) from None
-            meta.update(n_samples=projections.n_samples, calibration_source=projections.source)
+            taus, table = _table_thresholds(axis, projections, chosen, rule, amount, form)
+            meta.update(n_samples=table.n_samples, calibration_source=table.source)
         elif isinstance(projections, Tensor):
-            if projections.ndim != 2 or projections.shape[1] != axis.n_layers:
-                raise CappingConfigError(
-                    f"projections has shape {tuple(projections.shape)}; expected (n_samples, "
-                    f"{axis.n_layers}): every sample's projection on every layer's axis"
-                )
-            if projections.shape[0] < 1:
-                raise CappingConfigError("projections is empty; calibrate on at least one sample")
-            picked = projections[:, chosen]
-            if not torch.isfinite(picked).all():
-                raise CappingConfigError(
-                    "projections contain NaN or infinity; drop the broken samples first"
-                )
-            taus = quantiles(picked, [p])[:, 0].tolist()
+            taus = _sample_thresholds(axis, projections, chosen, rule, amount, form)
             meta.update(n_samples=int(projections.shape[0]), calibration_source="projections")
         else:
             raise CappingConfigError(
                 "projections must be a Calibration or an (n_samples, n_layers) tensor, got "
                 f"{type(projections).__name__}"
             )
-        return cls.from_axis(
-            axis,
-            chosen,
-            taus,
-            name=capping_id(chosen, p) if name is None else name,
-            metadata=meta,
-            form=form,
-        )
+        if name is None:
+            if rule == "token-default":
+                name = capping_id(chosen, rule=rule, keep=amount)
+            else:
+                name = capping_id(chosen, amount, rule=rule)
+        return cls.from_axis(axis, chosen, taus, name=name, metadata=meta, form=form)
+
+    @property
+    def rule(self) -> str | None:
+        """The calibration rule that made this config (``metadata["rule"]``); None when not
+        recorded (an imported config, or one calibrated before rules were recorded)."""
+        rule = self.metadata.get("rule")
+        return rule if isinstance(rule, str) else None
 
     # ---- research release format ------------------------------------------------------------
 
@@ -589,6 +668,52 @@ class CappingConfig:
             return cls.from_dict(data, vectors=vectors)
         except CappingConfigError as exc:
             raise CappingConfigError(f"{path}: {exc}") from None
+
+
+def _table_thresholds(
+    axis: Axis, calibration: Calibration, layers: list[int], rule: str, amount: float, form: Form
+) -> tuple[list[float], Calibration]:
+    """Thresholds read off the table the rule uses, and that table."""
+    if calibration.n_layers != axis.n_layers:
+        raise CappingConfigError(
+            f"the calibration covers {calibration.n_layers} layers but the axis has "
+            f"{axis.n_layers}; use the calibration made with this axis"
+        )
+    table: Calibration | None = calibration
+    if rule in TOKEN_TABLE:
+        table = calibration.token_table(TOKEN_TABLE[rule])
+        if table is None:
+            raise _missing_tokens(rule, calibration)
+    assert table is not None
+    at = keep_percentile(table.n_samples, amount, form) if rule == "token-default" else amount
+    try:
+        return [table.threshold(layer, at) for layer in layers], table
+    except ValueError as exc:
+        raise CappingConfigError(str(exc)) from None
+
+
+def _sample_thresholds(
+    axis: Axis, projections: Tensor, layers: list[int], rule: str, amount: float, form: Form
+) -> list[float]:
+    """Exact thresholds from samples: a percentile, or ``token-default``'s order statistic."""
+    if projections.ndim != 2 or projections.shape[1] != axis.n_layers:
+        raise CappingConfigError(
+            f"projections has shape {tuple(projections.shape)}; expected (n_samples, "
+            f"{axis.n_layers}): every sample's projection on every layer's axis"
+        )
+    if projections.shape[0] < 1:
+        raise CappingConfigError("projections is empty; calibrate on at least one sample")
+    picked = projections[:, layers]
+    if not torch.isfinite(picked).all():
+        raise CappingConfigError(
+            "projections contain NaN or infinity; drop the broken samples first"
+        )
+    if rule != "token-default":
+        return quantiles(picked, [amount])[:, 0].tolist()
+    n = int(picked.shape[0])
+    m = keep_rank(n, amount)
+    ordered = torch.sort(picked.to(torch.float64), dim=0).values
+    return ordered[n - m if form == "floor" else m - 1].tolist()
 
 
 def _load_vectors_file(path: Path) -> Tensor:

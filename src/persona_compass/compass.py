@@ -37,7 +37,7 @@ from .chat import render_chat
 from .errors import PersonaCompassError
 from .generation import SamplingConfig, eos_ids
 from .interventions import CapEngagement, Scale, capping, steering
-from .monitor import DriftMonitor, TokenReadings, TurnReading
+from .monitor import DriftMonitor, TokenReadings, TraitReading, TurnReading
 
 CapMode = Literal["off", "on", "adaptive"]
 CAP_MODES: tuple[str, ...] = ("off", "on", "adaptive")
@@ -136,14 +136,30 @@ class AdaptiveCap:
         return {"engaged": self.engaged, "calm_turns": self.calm_turns}
 
 
+def monitor_for(
+    model: nn.Module,
+    axis: Axis,
+    *,
+    rules: AlertRules | None = None,
+    on_alert: Callable[[Alert], None] | None = None,
+    traits: Sequence[Axis] = (),
+) -> DriftMonitor:
+    """The conversation's monitor: the axis plus any trait needles."""
+    return DriftMonitor(model, axis, rules=rules, on_alert=on_alert, traits=traits)
+
+
 @dataclass(frozen=True)
 class Delta:
-    """A piece of streamed answer with the running drift values of the answer so far."""
+    """A piece of streamed answer with the running drift values of the answer so far.
+
+    ``traits`` holds each trait needle's running mean and percentile (empty without needles).
+    """
 
     text: str
     n_tokens: int
     projection: float | None
     percentile: float | None
+    traits: dict[str, TraitReading] = field(default_factory=dict)
 
 
 @dataclass
@@ -232,7 +248,12 @@ def history_readings(mon: DriftMonitor, spans: Sequence[Any]) -> list[TurnReadin
     Assistant turns go through the monitor's alert rules; the readings are not kept.
     """
     return [
-        mon.measure_turn(mon.read(span.start, span.end), index=span.index, role=span.role)
+        mon.measure_turn(
+            mon.read(span.start, span.end),
+            index=span.index,
+            role=span.role,
+            trait_tokens=mon.read_traits(span.start, span.end) if mon.traits else None,
+        )
         for span in spans
     ]
 
@@ -252,6 +273,7 @@ def generate_answer(
     on_delta: Callable[[Delta], None] | None = None,
     cancel: threading.Event | None = None,
     read_history: bool = False,
+    traits: Sequence[Axis] = (),
 ) -> Answer:
     """Generate the next assistant answer, watched live; capped with ``cap`` when given.
 
@@ -267,9 +289,10 @@ def generate_answer(
         cancel: set it from another thread to stop generation early.
         read_history: also read the earlier turns from the prompt (into ``Answer.history``;
             assistant turns go through the monitor's alert rules).
+        traits: trait axes to read beside the axis when no ``monitor`` is given.
     """
     sampling = sampling or SamplingConfig()
-    mon = monitor if monitor is not None else DriftMonitor(model, axis)
+    mon = monitor if monitor is not None else monitor_for(model, axis, traits=traits)
     rendered = render_chat(tokenizer, list(messages), add_generation_prompt=True)
     prompt_len = len(rendered.input_ids)
     device = next(model.parameters()).device
@@ -278,17 +301,23 @@ def generate_answer(
     end_ids = eos_ids(model, tokenizer)
 
     fed = [0, 0.0]  # answer tokens read so far, and the sum of their projections
+    trait_sums = dict.fromkeys(mon.trait_names, 0.0)
 
     def running(delta_text: str, n_tokens: int) -> None:
         # Only the tokens fed back since the last delta are copied: O(1) per token.
         assert on_delta is not None
-        start = prompt_len + int(fed[0])
-        new = mon.read(start, prompt_len + n_tokens, percentiles=False).projections
+        start, end = prompt_len + int(fed[0]), prompt_len + n_tokens
+        new = mon.read(start, end, percentiles=False).projections
         fed[0] += len(new)
         fed[1] += sum(new)
         proj = fed[1] / fed[0] if fed[0] else None
         pct = mon.percentile(proj) if proj is not None else None
-        on_delta(Delta(delta_text, n_tokens, proj, pct))
+        traits: dict[str, TraitReading] = {}
+        if new and mon.traits:
+            for name in mon.trait_names:
+                trait_sums[name] += float(mon.trait_token_projections(name)[0, start:end].sum())
+                traits[name] = mon.trait_reading(name, trait_sums[name] / fed[0])
+        on_delta(Delta(delta_text, n_tokens, proj, pct, traits))
 
     streamer = _AnswerStreamer(tokenizer, end_ids, stop, running if on_delta else None)
     cancelled = cancel if cancel is not None else threading.Event()
@@ -366,6 +395,8 @@ class CompassSession:
         sampling: sampling settings; each turn uses ``seed + turn number`` when seeded.
         system_prompt: an optional system message at the start.
         on_alert: called with every alert.
+        traits: trait axes read beside the axis (readings in ``TurnReading.traits``); a
+            trait alert engages adaptive capping like an axis alert.
 
     Example:
         >>> session = CompassSession(model, tok, axis, cap_cfg, mode="adaptive")
@@ -387,8 +418,10 @@ class CompassSession:
         system_prompt: str | None = None,
         steer: Steering | None = None,
         on_alert: Callable[[Alert], None] | None = None,
+        traits: Sequence[Axis] = (),
     ) -> None:
         self.model, self.tokenizer, self.axis = model, tokenizer, axis
+        self.traits = tuple(traits)
         self.capping_config = capping_config
         self.mode: CapMode = check_cap_mode(mode, capping_config)
         self.rules = rules
@@ -399,7 +432,12 @@ class CompassSession:
         self.messages: list[dict[str, str]] = []
         if system_prompt:
             self.messages.append({"role": "system", "content": system_prompt})
-        self.monitor = DriftMonitor(model, axis, rules=rules, on_alert=on_alert)
+        self.monitor = self._new_monitor()
+
+    def _new_monitor(self) -> DriftMonitor:
+        return monitor_for(
+            self.model, self.axis, rules=self.rules, on_alert=self.on_alert, traits=self.traits
+        )
 
     # -- settings --------------------------------------------------------------------------
     def set_mode(self, mode: str) -> None:
@@ -418,9 +456,7 @@ class CompassSession:
             self.messages.insert(0, {"role": "system", "content": text})
         shift = len(self.messages) - before
         if shift:
-            mon = self.monitor
-            mon.turns[:] = [t.shifted(shift) for t in mon.turns]
-            mon.tracker.alerts[:] = [replace(a, turn=a.turn + shift) for a in mon.tracker.alerts]
+            self.monitor.shift_turns(shift)
 
     def restore(
         self, messages: Sequence[dict[str, str]], readings: Sequence[dict[str, Any]] = ()
@@ -434,7 +470,7 @@ class CompassSession:
         from .monitor import project_conversation
 
         self.messages = [dict(m) for m in messages]
-        self.monitor = DriftMonitor(self.model, self.axis, rules=self.rules, on_alert=self.on_alert)
+        self.monitor = self._new_monitor()
         self.adaptive = AdaptiveCap(self.adaptive.policy)
         stored = {
             r.index: r
@@ -445,23 +481,27 @@ class CompassSession:
         missing = [i for i in answers if i not in stored]
         measured = {}
         if missing:
-            turns = project_conversation(self.model, self.tokenizer, self.axis, self.messages)
+            turns = project_conversation(
+                self.model, self.tokenizer, self.axis, self.messages, traits=self.traits
+            )
             measured = {t.index: t for t in turns if t.index in missing}
-        mon, tracker = self.monitor, self.monitor.tracker
+        mon = self.monitor
         for index in sorted(set(stored) | set(measured)):
             if index in stored:
                 reading = stored[index]
                 if reading.role == "assistant":
-                    pct = reading.percentile
-                    tracker.history.append(math.nan if pct is None else pct)
-                    tracker.alerts.extend(reading.alerts)
+                    mon.replay(reading)
             else:
                 turn = measured[index]
-                pct = mon.percentile(turn.projection)
-                alerts = tuple(tracker.observe(index, pct))
-                reading = TurnReading(
-                    index, "assistant", turn.projection, pct, turn.n_tokens, alerts=alerts
+                # one value, the turn's mean, stands in for its tokens: the turn rules apply
+                reading = mon.measure_turn(
+                    TokenReadings([turn.projection], None),
+                    index=index,
+                    trait_tokens={
+                        name: TokenReadings([value], None) for name, value in turn.traits.items()
+                    },
                 )
+                reading = replace(reading, n_tokens=turn.n_tokens)
             if reading.role == "assistant":
                 self.adaptive.update(reading)
             mon.turns.append(reading)
@@ -538,6 +578,7 @@ def respond(
     on_delta: Callable[[Delta], None] | None = None,
     cancel: threading.Event | None = None,
     read_history: bool = True,
+    traits: Sequence[Axis] = (),
 ) -> Answer:
     """Answer a whole conversation statelessly (the server's path).
 
@@ -549,7 +590,7 @@ def respond(
     mode = check_cap_mode(mode, capping_config)
     capped = mode == "on"
     adaptive = AdaptiveCap(policy)
-    mon = DriftMonitor(model, axis, rules=rules)
+    mon = monitor_for(model, axis, rules=rules, traits=traits)
     if mode == "adaptive":
         rendered = render_chat(tokenizer, list(messages))
         device = next(model.parameters()).device

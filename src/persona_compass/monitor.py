@@ -405,6 +405,34 @@ class DriftMonitor:
             out[name] = TokenReadings(values.cpu().tolist(), pcts)
         return out
 
+    def trait_reading(self, name: str, projection: float) -> TraitReading:
+        """A trait needle's mean projection with its percentile on the needle's own scale."""
+        i = self._needle(name)
+        calibration = self.traits[i].calibration
+        pct = None
+        if calibration is not None and not math.isnan(projection):
+            pct = float(calibration.percentile_of(projection, self.trait_layers[i]))
+        return TraitReading(projection, pct)
+
+    def replay(self, reading: TurnReading) -> None:
+        """Take a stored assistant reading into the alert history (no alert is re-raised):
+        a restored conversation's rules go on from where it stopped."""
+        trackers = [(self.tracker, reading.percentile)]
+        for name, tracker in zip(self.trait_names, self._trait_trackers, strict=True):
+            trait = reading.traits.get(name)
+            trackers.append((tracker, trait.percentile if trait is not None else None))
+        for tracker, pct in trackers:
+            value = math.nan if pct is None else pct
+            tracker.history.append(value if tracker.needle is None else 100 - value)
+            tracker.alerts.extend(a for a in reading.alerts if a.needle == tracker.needle)
+
+    def shift_turns(self, offset: int) -> None:
+        """Move every kept reading and alert by ``offset`` messages (a system message came
+        or went)."""
+        self.turns[:] = [t.shifted(offset) for t in self.turns]
+        for tracker in (self.tracker, *self._trait_trackers):
+            tracker.alerts[:] = [replace(a, turn=a.turn + offset) for a in tracker.alerts]
+
     def measure_turn(
         self,
         tokens: TokenReadings,
@@ -428,16 +456,13 @@ class DriftMonitor:
             alerts += self.tracker.observe(index, percentile, tokens.percentiles or ())
         traits: dict[str, TraitReading] = {}
         for name, readings in (trait_tokens or {}).items():
-            i = self._needle(name)
             values = readings.projections
-            mean = sum(values) / len(values) if values else float("nan")
-            calibration = self.traits[i].calibration
-            pct = None
-            if calibration is not None and not math.isnan(mean):
-                pct = float(calibration.percentile_of(mean, self.trait_layers[i]))
-            traits[name] = TraitReading(mean, pct)
+            traits[name] = reading = self.trait_reading(
+                name, sum(values) / len(values) if values else float("nan")
+            )
             if role == "assistant":
-                alerts += self._trait_trackers[i].observe(index, pct, readings.percentiles or ())
+                tracker = self._trait_trackers[self._needle(name)]
+                alerts += tracker.observe(index, reading.percentile, readings.percentiles or ())
         return TurnReading(
             index, role, projection, percentile, n, capped, cap_engagement, tuple(alerts), traits
         )
@@ -471,6 +496,45 @@ class DriftMonitor:
         )
         self.turns.append(reading)
         return reading
+
+
+def monitor_from_readings(
+    axis: Axis,
+    projections: torch.Tensor,
+    *,
+    traits: Sequence[Axis] = (),
+    trait_projections: torch.Tensor | None = None,
+    rules: AlertRules | None = None,
+) -> DriftMonitor:
+    """:meth:`DriftMonitor.from_projections` with trait needles: a serving engine's readings
+    of one sequence, the axis' (n_tokens,) and the needles' (len(traits), n_tokens)."""
+    mon = DriftMonitor.__new__(DriftMonitor)
+    layer = normalize_layer(axis.layer, axis.n_layers)
+    mon._setup(axis, layer, None, rules, None, max(1, projections.numel()), traits)
+    mon._block = None
+    load_readings(mon, projections, trait_projections)
+    return mon
+
+
+def load_readings(
+    mon: DriftMonitor, projections: torch.Tensor, trait_projections: torch.Tensor | None = None
+) -> None:
+    """Replace a monitor's buffers with one sequence's readings measured elsewhere: the axis'
+    (n_tokens,) and its needles' (n_traits, n_tokens), in ``mon.trait_names`` order."""
+    n = projections.numel()
+    if mon.traits:
+        shape = None if trait_projections is None else tuple(trait_projections.shape)
+        if shape != (len(mon.traits), n):
+            raise PersonaCompassError(
+                f"trait readings of shape {shape} do not fit {len(mon.traits)} needles over "
+                f"{n} tokens; pass one row per needle, as long as the axis' readings"
+            )
+    mon.load(projections)
+    for i, buffer in enumerate(mon._trait_buffers):
+        buffer.reset()
+        if n:
+            assert trait_projections is not None
+            buffer.append(trait_projections[i].detach().float().reshape(1, -1))
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ tested apart from the chat loop.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from itertools import groupby
 from typing import Any
 
@@ -17,7 +17,7 @@ from rich.text import Text
 
 from ..alerts import Alert
 from ..compass import Delta, Steering
-from ..monitor import TurnReading
+from ..monitor import TraitReading, TurnReading
 
 #: Meter colours, as (position 0..1, RGB) stops: drifted (red) -> amber -> Assistant (green).
 COLOUR_STOPS: tuple[tuple[float, tuple[int, int, int]], ...] = (
@@ -53,17 +53,19 @@ def drift_meter(
     threshold: float | None = 25.0,
     width: int = METER_WIDTH,
     label: bool = True,
+    rising: bool = False,
 ) -> Text:
     """A horizontal bar for a percentile 0..100, coloured red (drifted) to green.
 
     The ``threshold`` percentile (the alert line, p25 by default) is marked with ``┃``;
     with ``label`` the bar is followed by ``p<percentile>``. An unknown percentile (no
-    calibration, or no token measured yet) draws an empty bar and ``p--``.
+    calibration, or no token measured yet) draws an empty bar and ``p--``. ``rising``: a
+    trait needle, whose drift is upward, so high percentiles are the red ones.
     """
     width = max(4, int(width))
     known = percentile is not None and math.isfinite(percentile)
     pct = min(max(float(percentile), 0.0), 100.0) if percentile is not None and known else 0.0
-    colour = percentile_colour(pct) if known else "#808080"
+    colour = percentile_colour(100.0 - pct if rising else pct) if known else "#808080"
     filled = round(pct / 100.0 * width) if known else 0
     mark = -1
     if threshold is not None and math.isfinite(threshold):
@@ -80,6 +82,26 @@ def drift_meter(
     if label:
         text.append(f" p{pct:.0f}" if known else " p--", style=f"bold {colour}")
     return text
+
+
+def trait_meters(
+    traits: Mapping[str, TraitReading],
+    *,
+    threshold: float | None = 25.0,
+    width: int = METER_WIDTH,
+    indent: str = "",
+) -> list[Text]:
+    """One meter line per trait needle; the alert line is the mirrored ``threshold``
+    (p25 for the axis is p75 for a trait)."""
+    mark = None if threshold is None else 100.0 - threshold
+    pad = max((len(name) for name in traits), default=0)
+    lines = []
+    for name, reading in traits.items():
+        line = Text(indent)
+        line.append(f"{name:>{pad}} ", style="bold")
+        line.append_text(drift_meter(reading.percentile, threshold=mark, width=width, rising=True))
+        lines.append(line)
+    return lines
 
 
 def turn_number(messages: Sequence[dict[str, str]], index: int) -> int:
@@ -209,6 +231,7 @@ class LiveAnswer:
     """
 
     def __init__(self, threshold: float | None, capped: bool) -> None:
+        self.traits: Mapping[str, TraitReading] = {}
         self.text = ""
         self.percentile: float | None = None
         self.projection: float | None = None
@@ -223,6 +246,8 @@ class LiveAnswer:
             self.percentile = delta.percentile
         if delta.projection is not None:
             self.projection = delta.projection
+        if delta.traits:
+            self.traits = delta.traits
 
     def meter_line(self, width: int = METER_WIDTH) -> Text:
         line = Text()
@@ -239,7 +264,9 @@ class LiveAnswer:
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         body = Text(self.text.lstrip())
         lines = body.wrap(console, max(options.max_width, 1))
-        room = max(1, (options.height or console.height) - 3)
+        needles = trait_meters(self.traits, threshold=self.threshold, indent="  ")
+        room = max(1, (options.height or console.height) - 3 - len(needles))
         yield Text("assistant", style="bold magenta")
         yield from lines[-room:]
         yield self.meter_line()
+        yield from needles

@@ -44,6 +44,7 @@ from .render import (
     alert_lines,
     chart_table,
     summary_text,
+    trait_meters,
     trajectory_series,
     turn_number,
 )
@@ -146,6 +147,7 @@ class ChatUI:
             system_prompt=system_prompt,
             steer=old.steer,
             on_alert=old.on_alert,
+            traits=old.traits,
         )
 
     @property
@@ -344,6 +346,8 @@ class ChatUI:
                 width=16,
             )
         )
+        for line in trait_meters(reading.traits, threshold=self.threshold, width=16, indent="    "):
+            self.info(line)
         for line in alert_lines(reading.alerts):
             self.info(line)
 

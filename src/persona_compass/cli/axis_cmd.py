@@ -25,6 +25,8 @@ axis.add_command(push)
 
 def axis_summary(bundle: Any, capping: Any | None) -> dict[str, Any]:
     """The facts a user wants about a bundle, as JSON-ready data."""
+    from ..axis_verdict import bundle_verdict
+
     summary: dict[str, Any] = {
         "model_id": bundle.model_id,
         "fingerprint": bundle.fingerprint,
@@ -39,6 +41,8 @@ def axis_summary(bundle: Any, capping: Any | None) -> dict[str, Any]:
         "pc_cosines": bundle.metadata.get("monitor_pc_cosines"),
         "vectors": sorted(bundle.vectors),
         "metadata": dict(bundle.metadata),
+        # strong / usable / weak, with the measured values and thresholds behind it
+        **bundle_verdict(bundle, capping).to_dict(),
     }
     if bundle.metadata.get("kind") == "trait":  # a trait axis has no persona space (no PCs)
         summary = {"kind": "trait", "trait": bundle.metadata.get("trait"), **summary}
@@ -51,6 +55,7 @@ def axis_summary(bundle: Any, capping: Any | None) -> dict[str, Any]:
             "form": capping.form,
             "layers": list(capping.layers),
             "thresholds": [round(t, 4) for t in capping.thresholds],
+            "rule": capping.rule,  # the calibration rule that made it; None when unrecorded
         }
     return summary
 
@@ -86,7 +91,10 @@ def show(bundle_spec: str, as_json: bool) -> None:
         table.add_row(key, str(summary[key]))
     table.add_row("vectors", ", ".join(summary["vectors"]) or "-")
     if cap is not None:
-        table.add_row("capping", f"{cap.name or '-'} ({cap.form}, layers {list(cap.layers)})")
+        rule = f", rule {cap.rule}" if cap.rule else ""
+        table.add_row("capping", f"{cap.name or '-'} ({cap.form}, layers {list(cap.layers)}{rule})")
+    table.add_row("verdict", summary["verdict"])
+    table.add_row("verdict reasons", "\n".join(summary["verdict_reasons"]))
     Console().print(table)
 
 

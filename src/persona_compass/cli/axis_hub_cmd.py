@@ -201,7 +201,8 @@ def run_hub_import(
 @click.option(
     "--eager/--compile",
     default=None,
-    help="vllm: skip torch.compile (starts in seconds instead of minutes) [default: --eager].",
+    help="vllm: skip torch.compile (starts in seconds instead of minutes) [default: --eager]. "
+    "On a GPU, --compile's CUDA graphs cannot record the per-token projections: it is refused.",
 )
 @click.option(
     "--max-num-seqs",
@@ -236,9 +237,12 @@ def calibrate(
     questions = 25 default answers, 128 tokens each), records every answer's response-mean
     projection on every layer, and writes calibration.json: the role-play answers'
     percentiles, as extraction calibrates. Percentiles, alerts and calibrated capping then
-    work. Reports the answers it took and the bootstrap 95% interval of the 25th percentile
-    at the monitor layer. Resumable: rerun the same command to continue; a rerun with other
-    settings is refused.
+    work. In the same pass it records the answers' per-token projections (a share of each
+    answer's tokens, at most 1 MB per role) for the per-token tables that the capping rules
+    token-default and token-roleplay read (CappingConfig.calibrate, evaluate --rules).
+    Reports the answers it took and the bootstrap 95% interval of the 25th percentile at the
+    monitor layer. Resumable: rerun the same command to continue; a rerun with other settings
+    is refused.
     """
     from ..hub import CalibrateSettings, calibrate_bundle
 
@@ -289,6 +293,17 @@ def calibrate(
         click.echo(
             f"default vs role-play answers at the monitor layer: AUROC {run.default_auroc:.3f} "
             "(1.0: every default answer reads higher)"
+        )
+    if run.n_role_tokens or run.n_default_tokens:
+        click.echo(
+            f"per-token tables: {run.n_role_tokens} role-play and {run.n_default_tokens} "
+            f"default tokens (up to {run.tokens_per_answer} per answer), for the capping rules "
+            "token-roleplay and token-default"
+        )
+    if run.answers_without_tokens:
+        click.echo(
+            f"{run.answers_without_tokens} answers of an earlier version have no per-token "
+            "projections; rerun with --force and a new --work folder to record them all"
         )
     click.echo(f"answers and projections: {run.work_dir} (delete it when you no longer need it)")
 

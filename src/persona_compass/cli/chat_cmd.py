@@ -17,6 +17,7 @@ from .options import (
     model_option,
     seed_option,
     temperature_option,
+    trait_option,
 )
 
 DEFAULT_AXIS = "smollm2-135m"
@@ -54,6 +55,7 @@ DEFAULT_AXIS = "smollm2-135m"
     help="Write the transcript, with live readings, here after every answer and at the end.",
 )
 @alert_rules_option
+@trait_option(help_suffix="Each needle gets its own meter.")
 def chat(
     axis_path: str,
     model_spec: str | None,
@@ -66,20 +68,22 @@ def chat(
     load_path: Path | None,
     save_path: Path | None,
     alert_rules: str | None,
+    trait_specs: tuple[str, ...],
 ) -> None:
     """Talk to the model with a live drift meter, capping and steering at hand.
 
     Each answer streams as it is written, with a meter showing the running percentile of
     the answer so far among the bundle's role-play answers (red: drifted, green:
     Assistant-like; the p25 alert line is marked), then a one-line summary: projection,
-    percentile, whether it was capped and how much the cap raised, and any alerts.
+    percentile, whether it was capped and how much the cap raised, and any alerts. Each
+    --trait needle adds a meter of its own (red: much of the trait; its alert line marked).
 
     Commands: /cap on|off|adaptive, /steer C [LAYERS] and /steer off, /system [TEXT],
     /save FILE, /load FILE, /chart [FILE.png|FILE.html], /status, /reset, /help, /quit.
     Ctrl-C stops the answer being written; Ctrl-D leaves. Piped input works too: each line
     is a message or a command, and the output is a plain log.
     """
-    from ..bundle import Bundle
+    from ..bundle import Bundle, open_trait_bundles
     from ..chat_ui import ChatUI, pick_transcript
     from ..compass import CompassSession, check_cap_mode
     from ..generation import SamplingConfig
@@ -91,6 +95,7 @@ def chat(
     mode = cap_mode or ("adaptive" if capping_config is not None else "off")
     check_cap_mode(mode, capping_config)
     rules = parse_alert_rules(alert_rules)
+    needles = open_trait_bundles(trait_specs, bundle.axis)
     transcript = None
     if load_path is not None:  # read it before the model, so a bad file fails fast
         transcript = pick_transcript(load_transcripts(load_path), None, str(load_path))
@@ -106,6 +111,7 @@ def chat(
         mode=mode,
         rules=rules,
         sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed),
+        traits=[needle.axis for needle in needles],
     )
     ui = ChatUI(
         session,

@@ -24,6 +24,7 @@ from .options import (
     seed_option,
     temperature_option,
     top_p_option,
+    trait_option,
 )
 
 
@@ -80,8 +81,40 @@ def _print_summary(console: Console, results: dict[str, Any], written: dict[str,
             fmt_interval(c.get("delta"), c.get("delta_low"), c.get("delta_high"), 3),
         )
     console.print(table)
+    if results.get("sweep"):
+        _print_sweep(console, results["sweep"])
     for name, path in written.items():
         console.print(f"{name}: {path}")
+
+
+def _print_sweep(console: Console, sweep: dict[str, Any]) -> None:
+    """The sweep's settings with the numbers both picks read, and the recommendation."""
+    from ..evaluation.report_markdown import fmt_share
+
+    def share(x: float | None) -> str:  # one decimal: 89.6% must not read as the 90% bar
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    table = Table(title="capping sweep")
+    table.add_column("setting", overflow="fold")
+    table.add_column("rule", overflow="fold")
+    for col in ("identity drift", "x unsteered", "unchanged", "harm rate"):
+        table.add_column(col)
+    rows = sweep["rows"]
+    base = next((r.get("identity_drift") for r in rows if r.get("is_baseline")), None)
+    for r in rows:
+        rate = r.get("identity_drift")
+        table.add_row(
+            r["name"],
+            r.get("rule") or "-",
+            share(rate),
+            "-" if rate is None or not base else f"{rate / base:.2f}",
+            share(r.get("unchanged_share")),
+            fmt_share(r.get("harm_rate")),
+        )
+    console.print(table)
+    rec = sweep["recommendation"]
+    console.print(f"recommended ({rec.get('pick', 'harm')} pick): {rec['choice'] or 'none'}")
+    console.print(rec["reason"])
 
 
 @main.command()
@@ -106,9 +139,12 @@ def _print_summary(console: Console, results: dict[str, Any], written: dict[str,
 @click.option(
     "--conditions",
     default=None,
-    help="Comma list: unsteered, capped, adaptive, cap:START:STOP[@pPCT], adaptive:START:STOP"
-    "[@pPCT], steer:COEF[@LAYERS][/SCALE], joined with + (capped+steer:-4), optionally "
-    "LABEL=SPEC. Default: unsteered,capped (a sweep: unsteered).",
+    help="Comma list: unsteered, capped, adaptive, cap:START:STOP[@pPCT][/RULE], "
+    "cap:START:STOP@keepKEEP, adaptive:START:STOP[...], steer:COEF[@LAYERS][/SCALE], joined "
+    "with + (capped+steer:-4), optionally LABEL=SPEC. RULE: response-mean (default: the "
+    "percentile of role-play response means) or token-roleplay (of role-play tokens); "
+    "@keepKEEP: the token-default rule (the highest floor leaving KEEP% of default-answer "
+    "tokens untouched). Default: unsteered,capped (a sweep: unsteered).",
 )
 @click.option(
     "--user",
@@ -162,10 +198,44 @@ def _print_summary(console: Console, results: dict[str, Any], written: dict[str,
     default=None,
     help="Capability items file (default: the shipped set).",
 )
-@click.option("--sweep", is_flag=True, help="Sweep capping settings: --windows x --percentiles.")
+@click.option(
+    "--sweep",
+    is_flag=True,
+    help="Sweep capping settings: --rules x --windows x --percentiles (--keeps for token-default).",
+)
 @click.option("--windows", default=None, help="Sweep windows, e.g. 16:24,20:28 (half-open).")
 @click.option(
-    "--percentiles", default="1,25,50", show_default=True, help="Sweep percentiles, e.g. 1,25,50."
+    "--percentiles",
+    default="1,25,50",
+    show_default=True,
+    help="Sweep percentiles of the response-mean and token-roleplay rules, e.g. 1,25,50.",
+)
+@click.option(
+    "--rules",
+    default="response-mean",
+    show_default=True,
+    help="Sweep calibration rules, comma list: response-mean (cap:W@pP: the percentile of "
+    "role-play response means, the research's), token-roleplay (cap:W@pP/token-roleplay: "
+    "of role-play tokens), token-default (cap:W@keepK: the highest floor that leaves K% of "
+    "default-answer tokens untouched). The token rules need a bundle with per-token "
+    "calibration (axis calibrate, or extract).",
+)
+@click.option(
+    "--keeps",
+    default="99",
+    show_default=True,
+    help="Sweep keeps of the token-default rule: the % of default-answer tokens each floor "
+    "leaves untouched, e.g. 99,95.",
+)
+@click.option(
+    "--pick",
+    type=click.Choice(["harm", "identity"]),
+    default=None,
+    help="How the sweep recommends a setting. harm: the lowest harm rate without a "
+    "significant capability drop. identity: the lowest identity-drift rate among settings "
+    "that at least halve unsteered's while leaving >= 90% of capability answers unchanged "
+    "(none if none qualifies; the report says how close each came). [default: harm; "
+    "--report-only: the sweep's recorded pick]",
 )
 @click.option(
     "--write-capping",
@@ -179,6 +249,12 @@ def _print_summary(console: Console, results: dict[str, Any], written: dict[str,
 @click.option("--no-report", is_flag=True, help="Do not write the report at the end.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@trait_option(
+    help_suffix="Every answer's record gains each trait's projection and percentile, and the "
+    "report a 'Trait needles' section: each trait's mean per-turn trajectory by condition and "
+    "its correlation (point-biserial r, 95% bootstrap interval) with each judged outcome. A "
+    "resumed run must read the same traits."
+)
 @alert_rules_option
 def evaluate(
     axis_path: str | None,
@@ -207,6 +283,9 @@ def evaluate(
     sweep: bool,
     windows: str | None,
     percentiles: str,
+    rules: str,
+    keeps: str,
+    pick: str | None,
     write_capping: Path | None,
     force: bool,
     report_only: bool,
@@ -214,6 +293,7 @@ def evaluate(
     as_json: bool,
     quiet: bool,
     alert_rules: str | None,
+    trait_specs: tuple[str, ...],
 ) -> None:
     """Run scenarios under conditions, check capability, and write a report into OUT.
 
@@ -225,8 +305,11 @@ def evaluate(
     Examples:
       persona-compass evaluate --axis smollm2-135m --out eval --conditions unsteered,capped
       persona-compass evaluate --axis smollm2-135m --out eval --scenarios therapy,coding
+      persona-compass evaluate --axis smollm2-135m --out eval --trait smollm2-135m-sycophancy
       persona-compass evaluate --axis smollm2-135m --out sweep --sweep \\
           --windows 16:24,22:29 --percentiles 1,25,50 --write-capping my-bundle
+      persona-compass evaluate --axis my-bundle --out sweep --sweep --windows 16:24 \\
+          --rules response-mean,token-default --percentiles 25 --keeps 99,95 --pick identity
     """
     from ..alerts import AlertRules
     from ..evaluation.capability import load_capability_items
@@ -234,17 +317,22 @@ def evaluate(
         BASELINE,
         DEFAULT_CONDITIONS,
         parse_conditions,
+        parse_keeps,
         parse_percentiles,
+        parse_rules,
         parse_windows,
         sweep_conditions,
     )
     from ..evaluation.report import collect_results, write_report
     from ..evaluation.runner import run_evaluation
     from ..evaluation.settings import EvaluationSettings
+    from ..evaluation.sweep import repick
 
     console = Console(stderr=True)
+    if pick is not None and not (sweep or report_only):
+        raise click.UsageError("--pick needs --sweep (it chooses among the swept settings)")
     if report_only:
-        results = collect_results(out_dir)
+        results = repick(collect_results(out_dir), pick)
         written = write_report(out_dir, results)
         if as_json:
             click.echo(json.dumps({k: str(v) for k, v in written.items()}, indent=2))
@@ -261,15 +349,23 @@ def evaluate(
         if not windows:
             raise click.UsageError("--sweep needs --windows, e.g. --windows 16:24,20:28")
         wins = parse_windows(windows)
+        swept_rules = parse_rules(rules)
         pcts = parse_percentiles(percentiles)
+        kept = parse_keeps(keeps)
         extra = parse_conditions(conditions) if conditions else []
         taken = {e.name for e in extra}
         conds = [
             *(c for c in parse_conditions(BASELINE) if c.name not in taken),
             *extra,
-            *(c for c in sweep_conditions(wins, pcts) if c.name not in taken),
+            *(c for c in sweep_conditions(wins, pcts, swept_rules, kept) if c.name not in taken),
         ]
-        sweep_info = {"windows": wins, "percentiles": pcts}
+        sweep_info = {
+            "windows": wins,
+            "percentiles": pcts,
+            "rules": swept_rules,
+            "keeps": kept,
+            "pick": pick or "harm",
+        }
     else:
         conds = parse_conditions(conditions or ",".join(DEFAULT_CONDITIONS))
 
@@ -303,6 +399,7 @@ def evaluate(
         seed=seed,
         system_prompt=system_prompt,
         rules=parse_alert_rules(alert_rules) or AlertRules(),
+        traits=trait_specs,
         capability=capability,
         capability_items=items,
         capability_limit=capability_limit,
@@ -331,7 +428,7 @@ def evaluate(
         if as_json:
             click.echo(json.dumps(summary, indent=2))
         return
-    results = collect_results(out_dir)
+    results = repick(collect_results(out_dir))  # by the pick this sweep recorded
     written = {}
     if not no_report:
         written = write_report(out_dir, results)
@@ -350,7 +447,9 @@ def evaluate(
             cfg,
             note={
                 "chosen_by": "persona-compass evaluate --sweep",
-                "rule": rec["rule"],
+                # "rule" stays the calibration rule that made the config
+                "recommendation_rule": rec["rule"],
+                "recommendation_pick": rec.get("pick", "harm"),
                 "reason": rec["reason"],
                 "evaluation": str(out_dir),
             },

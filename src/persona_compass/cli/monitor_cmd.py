@@ -15,7 +15,13 @@ from rich.table import Table
 
 from .app import main
 from .common import load_axis_and_model
-from .options import BUNDLE_MODEL_DEFAULT, axis_option, dtype_option, model_option
+from .options import (
+    BUNDLE_MODEL_DEFAULT,
+    axis_option,
+    dtype_option,
+    model_option,
+    trait_option,
+)
 from .param_flags import with_flags
 
 TRANSCRIPT_SUFFIXES = (".json", ".jsonl")
@@ -77,14 +83,7 @@ MAX_FILE_MB = 16
 @axis_option(required=True)
 @model_option(help_suffix=BUNDLE_MODEL_DEFAULT)
 @click.option("--layer", type=int, default=None, help="Block to read (default: the bundle's).")
-@click.option(
-    "--trait",
-    "trait_specs",
-    multiple=True,
-    help="A trait axis bundle (folder or alias, e.g. smollm2-135m-sycophancy) read in the same "
-    "pass at its own monitor layer; repeatable. Each turn gains its projection and "
-    "percentile (high = more of the trait).",
-)
+@trait_option(help_suffix="Each turn gains the trait's projection and percentile.")
 @dtype_option()
 @click.option(
     "-r",

@@ -122,3 +122,17 @@ def seed_option(*, default: int | None, help_suffix: str = "") -> Callable[[F], 
         show_default=default is not None,
         help=_help("Sampling seed.", help_suffix),
     )
+
+
+TRAIT_HELP = (
+    "A trait axis bundle (folder or alias, e.g. smollm2-135m-sycophancy) read beside the "
+    "Assistant Axis at its own monitor layer; repeatable. Its readings are a projection and "
+    "a percentile (high = more of the trait), and its alerts fire when the trait goes high."
+)
+
+
+def trait_option(*, help_suffix: str = "") -> Callable[[F], F]:
+    """``--trait`` (``trait_specs``, repeatable): trait needles read beside the axis."""
+    return click.option(
+        "--trait", "trait_specs", multiple=True, help=_help(TRAIT_HELP, help_suffix)
+    )

@@ -10,7 +10,13 @@ import click
 
 from .app import main
 from .common import alert_rules_option, parse_alert_rules
-from .options import BUNDLE_MODEL_DEFAULT, axis_option, dtype_option, model_option
+from .options import (
+    BUNDLE_MODEL_DEFAULT,
+    axis_option,
+    dtype_option,
+    model_option,
+    trait_option,
+)
 from .param_flags import with_flags
 
 API_KEY_ENV = "PERSONA_COMPASS_API_KEY"
@@ -126,6 +132,9 @@ def is_loopback(host: str) -> bool:
     "(0.0.0.0, ::) allows any name unless this is given.",
 )
 @alert_rules_option
+@trait_option(
+    help_suffix="The telemetry gains a traits object and the web page one line per needle."
+)
 def serve(
     axis_path: str,
     model_spec: str | None,
@@ -144,6 +153,7 @@ def serve(
     log_level: str,
     alert_rules: str | None,
     allow_hosts: tuple[str, ...],
+    trait_specs: tuple[str, ...],
 ) -> None:
     """Serve the model behind an OpenAI-compatible API with capping and drift telemetry.
 
@@ -163,12 +173,13 @@ def serve(
         raise click.ClickException(
             f"the server needs fastapi and uvicorn ({exc}); pip install 'persona-compass[server]'"
         ) from None
-    from ..bundle import Bundle
+    from ..bundle import Bundle, open_trait_bundles
     from ..compass import check_cap_mode
 
     # fail before the model loads (requests can still send a capping window with --cap off)
     bundle = Bundle.open(axis_path)
     check_cap_mode(cap_mode, bundle.capping)
+    needles = open_trait_bundles(trait_specs, bundle.axis)  # fails before any model loads
     engine_options: dict[str, Any] = {}
     if engine == "vllm":
         if max_model_len is not None:
@@ -215,6 +226,7 @@ def serve(
         dtype=dtype,
         engine=engine,
         engine_options=engine_options,
+        traits=needles,
     )
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"persona-compass serve: loading, then listening on http://{shown}:{port}", err=True)

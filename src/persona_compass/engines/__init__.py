@@ -32,8 +32,9 @@ def open_engine(
     :class:`~persona_compass.Bundle`).
 
     ``hf`` options go to :meth:`Bundle.load_model <persona_compass.Bundle.load_model>`
-    (``dtype``, ``device``; the model is checked against the bundle) plus ``capping_config``;
-    ``vllm`` options go to :class:`.vllm_engine.VLLMEngine`.
+    (``dtype``, ``device``; the model is checked against the bundle) plus ``capping_config``
+    and ``traits`` (trait axes read beside the axis); ``vllm`` options go to
+    :class:`.vllm_engine.VLLMEngine`.
     """
     from ..bundle import Bundle
 
@@ -44,5 +45,6 @@ def open_engine(
         return VLLMEngine(model, axis, **options)
     bundle = axis if isinstance(axis, Bundle) else Bundle.open(axis)
     cap = options.pop("capping_config", None) or bundle.capping
+    traits = options.pop("traits", ())
     hf_model, tokenizer = bundle.load_model(model, **options)
-    return HFEngine(hf_model, tokenizer, bundle.axis, capping_config=cap)
+    return HFEngine(hf_model, tokenizer, bundle.axis, capping_config=cap, traits=traits)

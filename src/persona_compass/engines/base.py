@@ -71,6 +71,7 @@ class Engine(Protocol):
     axis: Axis
     tokenizer: Any
     capping_config: CappingConfig | None
+    traits: tuple[Axis, ...]  # trait needles read beside the axis (``TurnReading.traits``)
 
     def respond(self, requests: Sequence[CompassRequest]) -> list[Answer]:
         """Generate every request's answer (batched where the engine can)."""

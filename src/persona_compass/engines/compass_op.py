@@ -4,10 +4,11 @@ A serving engine runs many requests in one forward: the tokens of every request 
 (tokens, d_model) matrix. :class:`CompassTables` holds persistent tensors that say, per token,
 which request slot it belongs to, and per slot and layer, the steering coefficient, the cap
 threshold and which cap vector applies. :func:`apply_compass` reads those tables, steers and
-caps every token at once, records each token's projection on the monitor layer and where
-the cap raised it, and returns the new layer output. It has no Python branch on the data
-and no host sync, so the same kernels serve any mix of requests and can be captured in a
-CUDA graph; changing a request's settings is a write into its slot's row.
+caps every token at once, records each token's projection on the monitor layer, each trait
+needle's projection on its own layer, and where the cap raised it, and returns the new layer
+output. It has no Python branch on the data and no host sync, so the same kernels serve any
+mix of requests and can be captured in a CUDA graph; changing a request's settings is a write
+into its slot's row.
 
 Slot 0 is the null slot (no steering, cap threshold -inf): padding tokens and requests
 without compass settings use it.
@@ -23,8 +24,15 @@ coefficient, floor, one-hot choice of cap vector) and ``h`` the block output in 
     out   = h + C V
     read  = P0[:, 0] + C G[:, 0]                  projection on u after the change
 
+The trait needles read on a layer are the rows of ``W`` (their unit vectors), with
+``X = V Wᵀ`` kept beside ``G``; they read the changed output, as the ``hf`` engine's monitor
+hook reads the capped one::
+
+    traits = h Wᵀ + C X                          = out Wᵀ, one stacked matmul for all of them
+
 Every per-token setting comes from one row gather (``params[s]``), so a layer costs two
-small matrix products and a handful of element-wise kernels whatever the batch holds.
+small matrix products (two more where trait needles are read: ``h Wᵀ`` and the (K, k) sized
+``C X``) and a handful of element-wise kernels whatever the batch holds.
 
 This is the ``hf`` engine's steering (``h + alpha u``) followed by its floor cap
 (``h + max(tau - h·v, 0) v``), computed in float32 and rounded once to the model's dtype.
@@ -52,6 +60,8 @@ class CompassTables:
         max_slots: how many requests can hold compass settings at once (slot 0 included).
         vectors_per_layer: cap vectors a layer can hold (row 0 is the axis' unit vector).
         device: where the tables live (the model's device).
+        trait_units: each trait needle's ``(layer, unit vector)``, in needle order; the layer
+            must be an op layer. Row ``j`` of ``trait_readings`` holds needle ``j``'s readings.
     """
 
     def __init__(
@@ -63,9 +73,13 @@ class CompassTables:
         max_slots: int,
         vectors_per_layer: int = 4,
         device: torch.device | str = "cpu",
+        trait_units: Sequence[tuple[int, Tensor]] = (),
     ) -> None:
         if monitor_layer not in axis_units:
             raise ValueError(f"monitor layer {monitor_layer} is not among the op layers")
+        outside = sorted({layer for layer, _ in trait_units} - set(axis_units))
+        if outside:
+            raise ValueError(f"trait layers {outside} are not among the op layers")
         if max_slots < 2 or max_tokens < 1 or vectors_per_layer < 1:
             raise ValueError("max_slots >= 2, max_tokens >= 1 and vectors_per_layer >= 1")
         self.layers: tuple[int, ...] = tuple(sorted(axis_units))
@@ -80,6 +94,7 @@ class CompassTables:
             vec = unit.detach().to(dev, torch.float32).reshape(-1)
             self.vectors[self.position[layer], 0] = vec / vec.norm()
         self.gram = torch.zeros(n_layers, vectors_per_layer, vectors_per_layer, device=dev)
+        self._init_traits(trait_units, dev)
         self._refresh_gram()
         self.used_vectors = [1] * n_layers  # rows filled per layer (row 0: the axis)
         self.token_slot = torch.zeros(max_tokens, dtype=torch.long, device=dev)
@@ -91,8 +106,29 @@ class CompassTables:
         self._first = torch.zeros(vectors_per_layer, device=dev)
         self._first[0] = 1.0
 
+    def _init_traits(self, trait_units: Sequence[tuple[int, Tensor]], dev: torch.device) -> None:
+        """Per op layer, the needles read there: their units ``W`` (zero rows pad every layer
+        to the most needles any holds) and, as a device index, their rows in the readings."""
+        self.n_traits = len(trait_units)
+        members: list[list[int]] = [[] for _ in self.layers]
+        for j, (layer, _) in enumerate(trait_units):
+            members[self.position[layer]].append(j)
+        width = max((len(m) for m in members), default=0)
+        self.trait_vectors = torch.zeros(len(self.layers), width, self.d_model, device=dev)
+        for i, needles in enumerate(members):
+            for row, j in enumerate(needles):
+                vec = trait_units[j][1].detach().to(dev, torch.float32).reshape(-1)
+                self.trait_vectors[i, row] = vec / vec.norm()
+        # fixed at start: which needles a layer reads is never a branch on the data
+        self.trait_rows: list[Tensor | None] = [
+            torch.tensor(m, dtype=torch.long, device=dev) if m else None for m in members
+        ]
+        self.trait_cross = torch.zeros(len(self.layers), self.vectors.shape[1], width, device=dev)
+        self.trait_readings = torch.zeros(self.n_traits, self.max_tokens, device=dev)
+
     def _refresh_gram(self) -> None:
         self.gram.copy_(self.vectors @ self.vectors.transpose(1, 2))
+        self.trait_cross.copy_(self.vectors @ self.trait_vectors.transpose(1, 2))
 
     # -- settings (host side, between steps) ------------------------------------------------
     def add_vector(self, layer: int, vector: Tensor) -> int:
@@ -161,7 +197,8 @@ def apply_compass(tables: CompassTables, layer: int, block_out: Tensor, addend: 
 
     ``block_out`` is the layer's output (tokens, d_model) and ``addend`` the part of it the
     caller may replace (the whole output, or the MLP output beside a separate residual).
-    The monitor layer's projections and every cap's raised mask are written to the tables.
+    The monitor layer's projections, the trait needles' projections on this layer and every
+    cap's raised mask are written to the tables.
     """
     i = tables.position[layer]
     n = block_out.shape[0]
@@ -176,6 +213,12 @@ def apply_compass(tables: CompassTables, layer: int, block_out: Tensor, addend: 
     change = torch.addcmul(alpha * tables._first, sel, excess.unsqueeze(1))  # (n, K)
     if layer == tables.monitor_layer:
         torch.addmv(p0[:, 0], change, gram[:, 0], out=tables.readings[:n])
+    rows = tables.trait_rows[i]
+    if rows is not None:  # this layer reads trait needles (fixed when the tables were made)
+        k = rows.shape[0]
+        units, cross = tables.trait_vectors[i, :k], tables.trait_cross[i, :, :k]
+        traits = torch.addmm(h32 @ units.T, change, cross)  # (n, k): the changed output's
+        tables.trait_readings[:, :n].index_copy_(0, rows, traits.T)
     a32 = h32 if addend is block_out else addend.to(torch.float32)  # cast once
     return torch.addmm(a32, change, vectors).to(addend.dtype)
 

@@ -29,9 +29,11 @@ class HFEngine:
         tokenizer: Any,
         axis: Axis,
         capping_config: CappingConfig | None = None,
+        traits: Sequence[Axis] = (),
     ) -> None:
         self.model, self.tokenizer, self.axis = model, tokenizer, axis
         self.capping_config = capping_config
+        self.traits = tuple(traits)
 
     def respond(self, requests: Sequence[CompassRequest]) -> list[Answer]:
         return [
@@ -48,6 +50,7 @@ class HFEngine:
                 sampling=req.sampling,
                 stop=req.stop,
                 read_history=req.read_history,
+                traits=self.traits,
             )
             for req in requests
         ]

@@ -18,6 +18,14 @@ request that vLLM preempts and recomputes does not add its recomputed positions 
 Only the sums and token counts leave the engine: :meth:`CaptureRuntime.take` (the worker
 extension's ``persona_compass_capture_take``) hands over finished requests' rows and frees
 them. These are vLLM internals, pinned with the engine's vLLM release.
+
+Per-token projections (``axis calibrate``'s per-token calibration): after
+:meth:`CaptureRuntime.project` (``persona_compass_capture_project``) gives the capture unit
+directions, the same op also writes each counted token's projection on its layer's
+direction into a per-request table on the device (one float per token and layer; column =
+the token's place in the answer). When a request is released only a bounded, evenly spread
+share of its tokens (:func:`persona_compass.token_budget.keep_rows`) is copied to the host;
+``persona_compass_capture_take_tokens`` hands those over by capture id.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from ..token_budget import kept_count, kept_positions
 
 logger = logging.getLogger(__name__)
 
@@ -71,19 +81,44 @@ class CaptureTables:
         self.counted_tokens = torch.zeros(max_tokens, dtype=torch.long)
         self.counted_rows = torch.zeros(max_tokens, dtype=torch.long)
         self.n_counted = 0
+        # per-token projections (off until enable_tokens): (layers, rows, positions + 1); the
+        # last column takes the tokens past ``max_positions`` (none when sized right)
+        self.token_units: Tensor | None = None
+        self.token_proj: Tensor | None = None
+        self.token_col = torch.zeros(max_tokens, dtype=torch.long, device=dev)
+        self.counted_cols = torch.zeros(max_tokens, dtype=torch.long)
+        self.max_positions = 0
+
+    def enable_tokens(self, units: Tensor, max_positions: int) -> None:
+        """Also record each counted token's projection on ``units`` (one row per layer)."""
+        dev = self.sums.device
+        self.token_units = units.to(device=dev, dtype=torch.float32).contiguous()
+        self.max_positions = int(max_positions)
+        rows = self.sums.shape[1]
+        self.token_proj = torch.zeros(len(self.layers), rows, self.max_positions + 1, device=dev)
 
 
 def add_block_sums(tables: CaptureTables, layer: int, block_out: Tensor) -> None:
     """Add each token's block output (n, d_model) to its row's float32 sums."""
-    sums = tables.sums[tables.position[layer]]
+    pos = tables.position[layer]
+    sums = tables.sums[pos]
+    proj, units = tables.token_proj, tables.token_units
     if tables.compact:
         k = tables.n_counted
         if k:
             values = block_out.index_select(0, tables.counted_tokens[:k]).to(torch.float32)
             sums.index_put_((tables.counted_rows[:k],), values, accumulate=True)
+            if proj is not None and units is not None:
+                where = (tables.counted_rows[:k], tables.counted_cols[:k])
+                proj[pos].index_put_(where, values @ units[pos])
         return
     n = block_out.shape[0]
-    sums.index_add_(0, tables.token_row[:n], block_out.to(torch.float32))
+    values = block_out.to(torch.float32)
+    sums.index_add_(0, tables.token_row[:n], values)
+    if proj is not None and units is not None:
+        # tokens that count nothing all land on the trash row's cells: never read
+        where = (tables.token_row[:n], tables.token_col[:n])
+        proj[pos].index_put_(where, values @ units[pos])
 
 
 _ACTIVE: CaptureTables | None = None  # one set per process, as for the compass op
@@ -159,6 +194,9 @@ class CaptureRuntime:
         )
         activate(self.tables)
         self.on_gpu = device.type == "cuda"
+        # CUDA graphs captured at start replay the op as it was then: a table switched on
+        # later (project) would never be written in graph-replayed steps
+        self.graphs = self.on_gpu and not getattr(runner.model_config, "enforce_eager", False)
         self._host_rows = [
             torch.zeros(self.max_tokens, dtype=torch.long, pin_memory=self.on_gpu) for _ in range(2)
         ]
@@ -167,6 +205,10 @@ class CaptureRuntime:
         # per sums row: the first position still to count, and the positions counted
         self.floor = np.full(self.max_rows, _NEVER, dtype=np.int64)
         self.counted = np.zeros(self.max_rows, dtype=np.int64)
+        self.first = np.zeros(self.max_rows, dtype=np.int64)  # the answer's first position
+        self._host_cols: list[Tensor] = []
+        self.token_share = (0, 1)  # kept tokens: (per_answer, max_new_tokens)
+        self.finished_tokens: OrderedDict[str, Tensor] = OrderedDict()
         self.row_of: dict[str, int] = {}  # vLLM request id -> sums row
         self.capture_id: dict[str, str] = {}  # vLLM request id -> capture id ("" = none)
         self._free = list(range(self.max_rows - 1, TRASH_ROW, -1))
@@ -195,6 +237,7 @@ class CaptureRuntime:
             row = self._free.pop()
             self.row_of[rid] = row
             self.floor[row] = int(live[rid].num_prompt_tokens)  # the prompt counts nothing
+            self.first[row] = self.floor[row]
             self.counted[row] = 0
         self._row_of_req = np.array([self.row_of.get(r, TRASH_ROW) for r in req_ids])
 
@@ -210,6 +253,8 @@ class CaptureRuntime:
         out = {}
         for i, (rid, row) in enumerate(zip(rids, rows, strict=True)):
             out[self.capture_id[rid]] = (sums[i].clone(), int(self.counted[row]))
+            if self.tables.token_proj is not None:
+                self._keep_tokens(self.capture_id[rid], row)
             self.floor[row], self.counted[row] = _NEVER, 0
             self._free.append(row)
         if keep:
@@ -217,6 +262,39 @@ class CaptureRuntime:
             while len(self.finished) > MAX_KEPT:
                 self.finished.popitem(last=False)
         return out
+
+    def _keep_tokens(self, capture_id: str, row: int) -> None:
+        """Copy the kept share of a released row's token projections to the host, zero it."""
+        proj = self.tables.token_proj
+        assert proj is not None
+        n = min(int(self.counted[row]), self.tables.max_positions)
+        keep = kept_positions(n, kept_count(n, *self.token_share)).to(proj.device)
+        kept = proj[:, row].index_select(1, keep)  # (layers, n_kept)
+        self.finished_tokens[capture_id] = kept.T.contiguous().to("cpu")
+        proj[:, row].zero_()
+        while len(self.finished_tokens) > MAX_KEPT:
+            self.finished_tokens.popitem(last=False)
+
+    def project(self, units: Tensor, max_positions: int, per_answer: int, max_new: int) -> None:
+        """Record per-token projections on ``units`` ((captured layers, d_model), in layer
+        order) from now on; keep ``per_answer`` of every ``max_new`` tokens of an answer."""
+        if tuple(units.shape) != (len(self.tables.layers), self.tables.sums.shape[2]):
+            raise RuntimeError(
+                f"projection units of shape {tuple(units.shape)}; expected one row per captured "
+                f"layer ({len(self.tables.layers)}) of width {self.tables.sums.shape[2]}"
+            )
+        if self.row_of:
+            raise RuntimeError("turn per-token projections on before the first request")
+        if self.graphs:
+            raise RuntimeError(
+                "per-token projections need vLLM without CUDA graphs (enforce_eager=True; "
+                "`axis calibrate --eager`)"
+            )
+        self.tables.enable_tokens(units, max_positions)
+        self.token_share = (int(per_answer), int(max_new))
+        self._host_cols = [
+            torch.zeros(self.max_tokens, dtype=torch.long, pin_memory=self.on_gpu) for _ in range(2)
+        ]
 
     # -- per step ---------------------------------------------------------------------------
     def before_forward(self, runner: Any, n_padded: int) -> None:
@@ -238,19 +316,30 @@ class CaptureRuntime:
         counts = positions >= np.repeat(self.floor[rows], per_req)
         token_rows = np.where(counts, np.repeat(rows, per_req), TRASH_ROW)
         tables = self.tables
+        cols = None
+        if tables.token_proj is not None:  # each counted token's place in its answer
+            first = np.repeat(self.first[rows], per_req)
+            cols = np.where(counts, np.minimum(positions - first, tables.max_positions), 0)
         if tables.compact:
             chosen = np.flatnonzero(token_rows)
             tables.n_counted = len(chosen)
             tables.counted_tokens.numpy()[: len(chosen)] = chosen
             tables.counted_rows.numpy()[: len(chosen)] = token_rows[chosen]
+            if cols is not None:
+                tables.counted_cols.numpy()[: len(chosen)] = cols[chosen]
         k = self._step % 2
         if self._events[k] is not None:
-            self._events[k].synchronize()  # the copy that last used this host buffer
+            self._events[k].synchronize()  # the copies that last used these host buffers
         host = self._host_rows[k]
         host_np = host.numpy()
         host_np[:n] = token_rows
         host_np[n:n_padded] = TRASH_ROW
         self.tables.token_row[:n_padded].copy_(host[:n_padded], non_blocking=True)
+        if cols is not None and not tables.compact:
+            host_cols = self._host_cols[k]
+            host_cols.numpy()[:n] = cols
+            host_cols.numpy()[n:n_padded] = 0
+            tables.token_col[:n_padded].copy_(host_cols[:n_padded], non_blocking=True)
         self.counted += np.bincount(token_rows, minlength=self.max_rows)
         self.floor[rows] = np.maximum(self.floor[rows], starts + per_req)
         self.floor[TRASH_ROW], self.counted[TRASH_ROW] = _NEVER, 0
@@ -283,6 +372,11 @@ class CaptureRuntime:
                 out[cid] = self.finished.pop(cid)
         return out
 
+    def take_tokens(self, ids: list[str]) -> dict[str, Tensor]:
+        """Hand over (and forget) the kept per-token projections (n_kept, captured layers)
+        of requests already handed over by :meth:`take`, by capture id."""
+        return {cid: self.finished_tokens.pop(cid) for cid in ids if cid in self.finished_tokens}
+
     def info(self) -> dict[str, Any]:
         return {
             "layers": list(self.tables.layers),
@@ -291,6 +385,7 @@ class CaptureRuntime:
             "device": str(self.tables.sums.device),
             "rows_in_use": len(self.row_of),
             "uncollected": len(self.finished),
+            "token_projections": self.tables.token_proj is not None,
         }
 
 
@@ -324,3 +419,11 @@ class CaptureWorkerExtension:
 
     def persona_compass_capture_take(self, ids: list[str]) -> dict[str, tuple[Tensor, int]]:
         return self._capture().take(list(ids))
+
+    def persona_compass_capture_project(
+        self, units: Tensor, max_positions: int, per_answer: int, max_new: int
+    ) -> None:
+        self._capture().project(units, max_positions, per_answer, max_new)
+
+    def persona_compass_capture_take_tokens(self, ids: list[str]) -> dict[str, Tensor]:
+        return self._capture().take_tokens(list(ids))

@@ -23,12 +23,14 @@ from typing import Any
 
 import torch
 
-from ..bundle import Bundle
+from ..axis import Axis
+from ..bundle import Bundle, open_trait_bundles
 from ..capping import CappingConfig
 from ..chat import RenderedChat, render_chat
 from ..compass import AdaptiveCap, Answer, Steering, history_readings
+from ..errors import PersonaCompassError
 from ..generation import end_of_turn_ids
-from ..monitor import DriftMonitor, TurnReading
+from ..monitor import DriftMonitor, TurnReading, load_readings, monitor_from_readings
 from .base import CompassRequest, EngineError
 from .vllm_worker import CONFIG_KEY
 
@@ -73,6 +75,31 @@ def model_folder(spec: str | os.PathLike[str]) -> str:
     return resolved.value
 
 
+def _trait_bundles(axis: Axis, traits: Sequence[Any]) -> list[Bundle]:
+    """The trait needles' bundles, opened and checked: saved in a folder (every worker reads
+    them there), of kind trait, each name once, made for the axis' model."""
+    if isinstance(traits, (str, os.PathLike, Bundle)):
+        traits = [traits]  # one needle given bare
+    bundles = []
+    for i, spec in enumerate(traits):
+        if isinstance(spec, Axis):
+            raise EngineError(
+                f"traits[{i}] is an Axis; the vllm engine's workers read trait needles from "
+                "their bundle folders: pass the bundle's folder, alias or opened Bundle"
+            )
+        bundle = spec if isinstance(spec, Bundle) else Bundle.open(spec)
+        if bundle.folder is None:
+            raise EngineError(
+                f"traits[{i}] is a bundle built in memory; the vllm engine's workers read it "
+                "from its folder: save it first (Bundle.save) and pass the saved one"
+            )
+        bundles.append(bundle)
+    try:
+        return open_trait_bundles(bundles, axis)
+    except PersonaCompassError as exc:  # refused before vLLM starts, as every engine setting
+        raise EngineError(str(exc)) from exc
+
+
 @dataclass(frozen=True)
 class EnginePlan:
     """One request as the engine will send it."""
@@ -94,8 +121,13 @@ class VLLMEngine:
         axis: an axis bundle folder, shipped alias or opened :class:`~persona_compass.Bundle`
             saved in a folder (every worker reads it there); its calibration gives percentiles.
         capping_config: the default cap (default: the bundle's ``capping.json``).
+        traits: trait needles read beside the axis, each at its own monitor layer (bundle
+            folders, shipped aliases or saved :class:`~persona_compass.Bundle` objects of
+            kind ``trait``; ``self.traits`` holds their axes). Each answer's
+            ``reading.traits`` and trait alerts are the ``hf`` engine's.
         layers: more layers to give the compass op (steering there); the op always runs on
-            the default cap's layers and the monitor layer, and only there.
+            the default cap's layers, the monitor layer and the trait needles' layers, and
+            only there.
         dtype: vLLM's ``dtype`` (``"auto"``, ``"bfloat16"``, ``"float32"``).
         compass: False starts plain vLLM (no plugin config): the baseline for benchmarks.
         vectors_per_layer: distinct cap vectors a layer can hold at once.
@@ -119,6 +151,7 @@ class VLLMEngine:
         axis: str | os.PathLike[str] | Bundle,
         *,
         capping_config: CappingConfig | None = None,
+        traits: Sequence[str | os.PathLike[str] | Bundle] = (),
         layers: Sequence[int] = (),
         dtype: str = "auto",
         compass: bool = True,
@@ -136,6 +169,8 @@ class VLLMEngine:
                 "bundle first (Bundle.save) and pass the saved one"
             )
         self.axis = bundle.axis
+        trait_bundles = _trait_bundles(self.axis, traits)
+        self.traits: tuple[Axis, ...] = tuple(b.axis for b in trait_bundles)
         if capping_config is None:
             capping_config = bundle.capping
         self.capping_config = capping_config
@@ -147,7 +182,7 @@ class VLLMEngine:
         except OSError:  # a folder without generation_config.json
             generation_config = None
         self._end_ids = end_of_turn_ids(generation_config, self.tokenizer)
-        op_layers = {self.axis.layer, *(int(x) for x in layers)}
+        op_layers = {self.axis.layer, *(int(x) for x in layers), *(t.layer for t in self.traits)}
         if capping_config is not None:
             op_layers.update(capping_config.layers)
         bad = sorted(x for x in op_layers if not 0 <= x < self.axis.n_layers)
@@ -179,6 +214,7 @@ class VLLMEngine:
                     "bundle": str(bundle.folder.resolve()),
                     "layers": list(self.layers),
                     "monitor_layer": self.axis.layer,
+                    "traits": [str(b.folder.resolve()) for b in trait_bundles if b.folder],
                     "vectors_per_layer": vectors_per_layer,
                 }
             }
@@ -323,9 +359,10 @@ class VLLMEngine:
 
     def read(
         self, offsets: Mapping[str, int], ids: Sequence[str]
-    ) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """In one call to the workers: the new readings of running requests from each given
-        position on (kept), and the readings of finished requests ``ids`` (handed over)."""
+        position on (kept; per request the axis' values and each trait needle's), and the
+        readings of finished requests ``ids`` (handed over)."""
         peeked, taken = self.llm.collective_rpc(
             "persona_compass_read", args=(dict(offsets), list(ids))
         )[0]
@@ -354,10 +391,17 @@ class VLLMEngine:
 
     def decide(self, plan: EnginePlan, history_chat: RenderedChat, reading: Any) -> EnginePlan:
         """An adaptive plan after its history was read: capped when an alert engaged it."""
-        values, _ = self._values(reading)
+        values, _, traits = self._values(reading)
         n = len(history_chat.input_ids)
         self._check_read(values, 0, n)
-        mon = DriftMonitor.from_projections(self.axis, values[:n], rules=plan.request.rules)
+        self._check_read(traits, 0, n)
+        mon = monitor_from_readings(
+            self.axis,
+            values[:n],
+            traits=self.traits,
+            trait_projections=traits[:, :n],
+            rules=plan.request.rules,
+        )
         history = history_readings(mon, history_chat.spans)
         state = AdaptiveCap(plan.request.policy)
         for turn in history:
@@ -387,21 +431,23 @@ class VLLMEngine:
             for plan, out, (_, params) in zip(plans, outputs, sent, strict=True)
         ]
 
-    @staticmethod
-    def _values(reading: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _values(self, reading: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A request's readings as tensors: the axis' (n,), the raised flags (n, op layers)
+        and the trait needles' (n_traits, n)."""
         if reading is None:
             raise EngineError(
                 "vLLM returned no compass readings for a request: the compass op did not run "
                 "(a stale compile cache or an unsupported vLLM release)"
             )
-        projections, raised = reading
-        return torch.tensor(projections, dtype=torch.float32), torch.tensor(
-            raised, dtype=torch.bool
-        )
+        projections, raised, traits = reading
+        values = torch.tensor(projections, dtype=torch.float32)
+        needles = torch.tensor(traits, dtype=torch.float32).reshape(len(self.traits), len(values))
+        return values, torch.tensor(raised, dtype=torch.bool), needles
 
     @staticmethod
     def _check_read(projections: torch.Tensor, start: int, end: int) -> None:
-        if end > start and torch.isnan(projections[start:end]).any():
+        """Refuse readings with holes in positions ``[start, end)`` (last dimension)."""
+        if end > start and torch.isnan(projections[..., start:end]).any():
             raise EngineError(
                 "some tokens have no compass reading: the compass op did not run on every "
                 "step (a stale vLLM compile cache, or a vLLM release this engine does not know)"
@@ -427,20 +473,28 @@ class VLLMEngine:
             text = self.tokenizer.decode(content, skip_special_tokens=True)
         # The last sampled token is never fed back, so it has no reading (as in hf).
         fed = prompt_len + max(len(ids) - 1, 0)
-        projections, raised = self._values(reading)
-        projections, raised = projections[:fed], raised[:fed]
+        projections, raised, traits = self._values(reading)
+        projections, raised, traits = projections[:fed], raised[:fed], traits[:, :fed]
         end = prompt_len + n_content
         self._check_read(projections, prompt_len, min(end, fed))
+        self._check_read(traits, prompt_len, min(end, fed))
         if plan.monitor is not None:
             mon = plan.monitor
-            mon.load(projections)
+            load_readings(mon, projections, traits)
         else:
-            mon = DriftMonitor.from_projections(self.axis, projections, rules=req.rules)
+            mon = monitor_from_readings(
+                self.axis,
+                projections,
+                traits=self.traits,
+                trait_projections=traits,
+                rules=req.rules,
+            )
         history = plan.history
         if history is None:
             history = []
             if req.read_history:
                 self._check_read(projections, 0, prompt_len)
+                self._check_read(traits, 0, prompt_len)
                 history = history_readings(mon, rendered.spans)
         tokens = mon.read(prompt_len, end)
         engagement = None

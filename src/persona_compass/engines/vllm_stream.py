@@ -4,8 +4,9 @@ vLLM's engine is not thread-safe, so one loop thread owns it. Callers (the serve
 handlers) :meth:`StreamLoop.submit` a :class:`~.base.CompassRequest` with an event callback
 and get a :class:`Ticket`. The loop adds each request to vLLM as it comes, steps the engine
 while any request runs (a new request joins the running batch at the next step), and after
-every step hands each streaming request its new text with the running drift values, and each
-finished request its :class:`~persona_compass.compass.Answer`.
+every step hands each streaming request its new text with the running drift values (the
+axis' and each trait needle's), and each finished request its
+:class:`~persona_compass.compass.Answer`.
 
 Events, called on the loop thread: ``("start", prompt_tokens)`` once the request is in the
 engine, ``("delta", Delta)`` for new text (streaming requests), then ``("done", Answer)`` or
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 
 from ..compass import Answer, Delta
-from ..monitor import DriftMonitor
+from ..monitor import TraitReading, monitor_from_readings
 from .base import CompassRequest, EngineError
 from .vllm_engine import EnginePlan, VLLMEngine
 
@@ -68,6 +69,7 @@ class Ticket:
         self.sent = ""  # text already handed out
         self.fed = 0  # answer tokens whose readings are summed in `total`
         self.total = 0.0
+        self.trait_totals = [0.0] * len(loop.engine.traits)  # the same sums, per needle
         self.started = time.perf_counter()
         self.ended = False
 
@@ -117,7 +119,12 @@ class StreamLoop:
         self._broken: BaseException | None = None
         self._durations: deque[float] = deque(maxlen=64)
         self.peak_running = 0  # the most requests one step has carried (batching at work)
-        self._gauge = DriftMonitor.from_projections(engine.axis, torch.zeros(0))
+        self._gauge = monitor_from_readings(
+            engine.axis,
+            torch.zeros(0),
+            traits=engine.traits,
+            trait_projections=torch.zeros(len(engine.traits), 0),
+        )
 
     # -- the callers' side ------------------------------------------------------------------
     def start(self) -> None:
@@ -259,7 +266,7 @@ class StreamLoop:
         now = time.perf_counter()
         peek = bool(streaming) and now - self._last_peek >= self.peek_interval
         readings: dict[str, Any] = {}
-        new: dict[str, list[float]] = {}
+        new: dict[str, Any] = {}
         if peek or finished:
             offsets = {t.rid: t.prompt_len + t.fed for t, _ in streaming} if peek else {}
             new, readings = self.engine.read(offsets, [t.rid for t, _ in finished])
@@ -270,23 +277,32 @@ class StreamLoop:
         for ticket, out in finished:
             self._finished(ticket, out, readings.get(ticket.rid))
 
-    def _stream(self, items: list[tuple[Ticket, Any]], new: dict[str, list[float]]) -> None:
-        """New text of each streaming request, with the running mean of its answer's readings
-        fetched so far (``new``: the readings fetched now, if any)."""
+    def _stream(self, items: list[tuple[Ticket, Any]], new: dict[str, Any]) -> None:
+        """New text of each streaming request, with the running means of its answer's
+        readings fetched so far (``new``: per request, the axis' and each needle's readings
+        fetched now, if any)."""
+        gauge = self._gauge
         for ticket, out in items:
             completion = out.outputs[0]
-            values = new.get(ticket.rid, [])
+            values, needles = new.get(ticket.rid, ([], [[] for _ in ticket.trait_totals]))
             # the last sampled token has no reading yet: it is read when it is fed back
-            values = values[: max(0, len(completion.token_ids) - 1 - ticket.fed)]
-            ticket.fed += len(values)
-            ticket.total += float(sum(values))
+            n_new = min(len(values), max(0, len(completion.token_ids) - 1 - ticket.fed))
+            ticket.fed += n_new
+            ticket.total += float(sum(values[:n_new]))
+            for i, needle in enumerate(needles):
+                ticket.trait_totals[i] += float(sum(needle[:n_new]))
             text = completion.text
             if len(text) <= len(ticket.sent):
                 continue
             delta, ticket.sent = text[len(ticket.sent) :], text
             projection = ticket.total / ticket.fed if ticket.fed else None
-            pct = self._gauge.percentile(projection) if projection is not None else None
-            ticket._emit("delta", Delta(delta, len(completion.token_ids), projection, pct))
+            pct = gauge.percentile(projection) if projection is not None else None
+            traits: dict[str, TraitReading] = {}
+            if ticket.fed:
+                for name, total in zip(gauge.trait_names, ticket.trait_totals, strict=True):
+                    traits[name] = gauge.trait_reading(name, total / ticket.fed)
+            n_tokens = len(completion.token_ids)
+            ticket._emit("delta", Delta(delta, n_tokens, projection, pct, traits))
 
     def _finished(self, ticket: Ticket, out: Any, reading: Any) -> None:
         assert ticket.plan is not None
@@ -313,7 +329,11 @@ class StreamLoop:
             reading = answer.reading
             proj = None if math.isnan(reading.projection) else reading.projection
             delta = Delta(
-                text[len(ticket.sent) :], answer.completion_tokens, proj, reading.percentile
+                text[len(ticket.sent) :],
+                answer.completion_tokens,
+                proj,
+                reading.percentile,
+                dict(reading.traits),
             )
             ticket.sent = text
             ticket._emit("delta", delta)

@@ -64,13 +64,17 @@ def find_layers(model: nn.Module, n_layers: int) -> nn.ModuleList:
 
 
 class _Record:
-    """One request's per-position readings, filled step by step on the host."""
+    """One request's per-position readings, filled step by step on the host: the monitor
+    layer's projections, the cap layers' raised flags and the trait needles' projections."""
 
-    def __init__(self, n_layers: int) -> None:
+    def __init__(self, n_layers: int, n_traits: int) -> None:
         self.projections = np.full(256, np.nan, dtype=np.float32)
         self.raised = np.zeros((256, n_layers), dtype=bool)
+        self.traits = np.full((256, n_traits), np.nan, dtype=np.float32)
 
-    def write(self, start: int, projections: np.ndarray, raised: np.ndarray) -> None:
+    def write(
+        self, start: int, projections: np.ndarray, raised: np.ndarray, traits: np.ndarray
+    ) -> None:
         end = start + len(projections)
         if end > len(self.projections):
             size = max(end, 2 * len(self.projections))
@@ -78,9 +82,12 @@ class _Record:
             grown[: len(self.projections)] = self.projections
             more = np.zeros((size, self.raised.shape[1]), dtype=bool)
             more[: len(self.raised)] = self.raised
-            self.projections, self.raised = grown, more
+            wider = np.full((size, self.traits.shape[1]), np.nan, dtype=np.float32)
+            wider[: len(self.traits)] = self.traits
+            self.projections, self.raised, self.traits = grown, more, wider
         self.projections[start:end] = projections
         self.raised[start:end] = raised
+        self.traits[start:end] = traits
 
 
 class CompassRuntime:
@@ -94,6 +101,7 @@ class CompassRuntime:
                 "the persona-compass vllm engine does not support speculative decoding"
             )
         axis = Axis.load(settings["bundle"])
+        traits = [Axis.load(folder) for folder in settings.get("traits", ())]
         layers = sorted({int(x) for x in settings["layers"]})
         monitor = int(settings["monitor_layer"])
         model = runner.model
@@ -112,6 +120,7 @@ class CompassRuntime:
             max_slots=max_slots,
             vectors_per_layer=int(settings.get("vectors_per_layer", 4)),
             device=device,
+            trait_units=[(t.layer, t.unit(t.layer)) for t in traits],
         )
         activate(self.tables)
         self.on_gpu = torch.device(device).type == "cuda"
@@ -119,11 +128,12 @@ class CompassRuntime:
         self._host_slots = [
             torch.zeros(self.max_tokens, dtype=torch.long, pin_memory=pin) for _ in range(2)
         ]
-        n_op = len(layers)
+        n_op, n_traits = len(layers), len(traits)
         self._host_read = [
             (
                 torch.zeros(self.max_tokens, dtype=torch.float32, pin_memory=pin),
                 torch.zeros(self.max_tokens, n_op, dtype=torch.bool, pin_memory=pin),
+                torch.zeros(self.max_tokens, n_traits, dtype=torch.float32, pin_memory=pin),
             )
             for _ in range(2)
         ]
@@ -138,7 +148,13 @@ class CompassRuntime:
         self._recording = False  # whether any request of the current batch is read
         self._pending: tuple[Any, ...] | None = None
         self.records: OrderedDict[str, _Record] = OrderedDict()
-        logger.info("persona-compass: op on layers %s, monitor layer %d", layers, monitor)
+        self.trait_layers = [t.layer for t in traits]
+        logger.info(
+            "persona-compass: op on layers %s, monitor layer %d, trait needles on %s",
+            layers,
+            monitor,
+            self.trait_layers,
+        )
 
     # -- requests -> slots ------------------------------------------------------------------
     def _sync_requests(self, runner: Any, req_ids: list[str]) -> None:
@@ -192,6 +208,8 @@ class CompassRuntime:
         tables = self.tables
         tables.token_slot[:n_padded].copy_(host[:n_padded], non_blocking=True)
         tables.readings[:n_padded].fill_(float("nan"))  # a layer that never ran shows as NaN
+        if tables.n_traits:
+            tables.trait_readings[:, :n_padded].fill_(float("nan"))
         starts = np.asarray(batch.num_computed_tokens_cpu[:n_reqs], dtype=np.int64).copy()
         self._step_info = (self._row_ids, starts, qsl, n)  # replaced, never mutated
 
@@ -201,9 +219,11 @@ class CompassRuntime:
         k = self._step % 2
         self._step += 1
         if self._recording:
-            host_read, host_raised = self._host_read[k]
+            host_read, host_raised, host_traits = self._host_read[k]
             host_read[:n].copy_(self.tables.readings[:n], non_blocking=True)
             host_raised[:n].copy_(self.tables.raised[:, :n].T, non_blocking=True)
+            if self.tables.n_traits:
+                host_traits[:n].copy_(self.tables.trait_readings[:, :n].T, non_blocking=True)
         event = None
         if self.on_gpu:  # guards this step's host buffers until the copies are done
             event = torch.cuda.Event()
@@ -220,23 +240,26 @@ class CompassRuntime:
         self._pending = None
         if event is not None:
             event.synchronize()
-        read = self._host_read[k][0].numpy()
-        raised = self._host_read[k][1].numpy()
-        n_layers = raised.shape[1]
+        read, raised, traits = (buffer.numpy() for buffer in self._host_read[k])
+        n_layers, n_traits = raised.shape[1], traits.shape[1]
         for row, cid in enumerate(row_ids):
             if not cid:
                 continue
             record = self.records.get(cid)
             if record is None:
-                record = self.records[cid] = _Record(n_layers)
+                record = self.records[cid] = _Record(n_layers, n_traits)
                 while len(self.records) > MAX_KEPT_RECORDS:
                     self.records.popitem(last=False)
             a, b = int(qsl[row]), int(qsl[row + 1])
-            record.write(int(starts[row]), read[a:b], raised[a:b])
+            record.write(int(starts[row]), read[a:b], raised[a:b], traits[a:b])
 
     # -- the engine's calls -----------------------------------------------------------------
-    def take(self, ids: list[str]) -> dict[str, tuple[list[float], list[list[bool]]]]:
-        """Hand over (and forget) the readings of finished requests."""
+    def take(
+        self, ids: list[str]
+    ) -> dict[str, tuple[list[float], list[list[bool]], list[list[float]]]]:
+        """Hand over (and forget) the readings of finished requests: per request, the monitor
+        layer's projections, the raised flags (position, op layer) and each trait needle's
+        projections (needle, position)."""
         self._collect()
         out = {}
         for cid in ids:
@@ -245,12 +268,17 @@ class CompassRuntime:
                 continue
             valid = ~np.isnan(record.projections)
             end = int(np.flatnonzero(valid)[-1]) + 1 if valid.any() else 0
-            out[cid] = (record.projections[:end].tolist(), record.raised[:end].tolist())
+            out[cid] = (
+                record.projections[:end].tolist(),
+                record.raised[:end].tolist(),
+                record.traits[:end].T.tolist(),
+            )
         return out
 
-    def peek(self, offsets: dict[str, int]) -> dict[str, list[float]]:
-        """The monitor-layer readings of running requests from each given position on (kept:
-        :meth:`take` still hands over everything). Streaming reads only what is new."""
+    def peek(self, offsets: dict[str, int]) -> dict[str, tuple[list[float], list[list[float]]]]:
+        """The monitor-layer and trait needles' readings (needle, position) of running
+        requests from each given position on (kept: :meth:`take` still hands over
+        everything). Streaming reads only what is new."""
         self._collect()
         out = {}
         for cid, start in offsets.items():
@@ -260,13 +288,15 @@ class CompassRuntime:
             values = record.projections[int(start) :]
             valid = ~np.isnan(values)
             end = int(np.argmin(valid)) if not valid.all() else len(values)
-            out[cid] = values[:end].tolist()
+            traits = record.traits[int(start) : int(start) + end]
+            out[cid] = (values[:end].tolist(), traits.T.tolist())
         return out
 
     def info(self) -> dict[str, Any]:
         return {
             "layers": list(self.tables.layers),
             "monitor_layer": self.tables.monitor_layer,
+            "trait_layers": list(self.trait_layers),
             "max_slots": self.tables.max_slots,
             "max_tokens": self.max_tokens,
             "device": str(self.tables.vectors.device),
@@ -313,12 +343,12 @@ class CompassWorkerExtension:
     def persona_compass_take(self, ids: list[str]) -> dict[str, Any]:
         return self._compass().take(list(ids))
 
-    def persona_compass_peek(self, offsets: dict[str, int]) -> dict[str, list[float]]:
+    def persona_compass_peek(self, offsets: dict[str, int]) -> dict[str, Any]:
         return self._compass().peek(dict(offsets))
 
     def persona_compass_read(
         self, offsets: dict[str, int], ids: list[str]
-    ) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """:meth:`peek` and :meth:`take` in one call (one round trip to the worker)."""
         compass = self._compass()
         return compass.peek(dict(offsets)), compass.take(list(ids))

@@ -15,14 +15,23 @@ Grammar (:data:`GRAMMAR`)::
                | "capped"                       the bundle's capping.json, on every answer
                | "adaptive"                     the bundle's capping.json, engaged after an
                                                 alert and released on recovery
-               | "cap:" WINDOW ["@p" PCT]       a floor on WINDOW at the PCT-th percentile of
-                                                the bundle's calibration (default 25), always on
-               | "adaptive:" WINDOW ["@p" PCT]  the same floor, adaptive
+               | "cap:" WINDOW [AT] ["/" RULE]  a floor on WINDOW calibrated by RULE on the
+                                                bundle's calibration, always on
+               | "adaptive:" WINDOW [AT] ["/" RULE]  the same floor, adaptive
                | "steer:" COEF ["@" LAYERS] ["/" SCALE]
                                                 add COEF x the axis on LAYERS (default: the
                                                 monitor layer); SCALE raw (default), unit or
                                                 relative; COEF < 0 pushes away from the Assistant
     WINDOW, LAYERS := L | START:STOP            one block, or a half-open range of blocks
+    AT        := "@p" PCT                       the PCT-th percentile (default 25)
+               | "@keep" KEEP                   keep KEEP % of default-answer tokens untouched
+                                                (default 99; implies RULE token-default)
+    RULE      := response-mean | token-roleplay | token-default   (default response-mean;
+                                                see persona_compass.capping.RULES)
+
+So ``cap:16:24@p25`` is the research's floor (the 25th percentile of role-play response
+means), ``cap:16:24@p25/token-roleplay`` the 25th percentile of role-play tokens, and
+``cap:16:24@keep99`` the highest floor that leaves 99 % of default-answer tokens untouched.
 
 At most one capping part and one steering part; ``unsteered`` stands alone. A condition's
 ``name`` is its label when one is given, else its canonical spec (``steer:-4.0`` is named
@@ -38,7 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..axis import Axis
-from ..capping import CappingConfig
+from ..capping import DEFAULT_KEEP, DEFAULT_PERCENTILE, DEFAULT_RULE, RULES, CappingConfig
 from ..compass import Steering
 from ..errors import PersonaCompassError
 from ..layers import normalize_layers
@@ -48,9 +57,13 @@ conditions are comma-separated; each is [LABEL=]PART[+PART] with PART one of:
   unsteered                   no capping, no steering (the baseline)
   capped                      the bundle's capping.json on every answer
   adaptive                    the bundle's capping.json, engaged after an alert
-  cap:WINDOW[@pPCT]           a floor on layers WINDOW at the PCT-th calibration percentile
-                              (default 25), e.g. cap:22:29@p25 (half-open range) or cap:24
-  adaptive:WINDOW[@pPCT]      the same floor, adaptive
+  cap:WINDOW[@pPCT][/RULE]    a floor on layers WINDOW at the PCT-th calibration percentile
+                              (default 25), e.g. cap:22:29@p25 (half-open range) or cap:24;
+                              RULE response-mean (default: role-play response means) or
+                              token-roleplay (role-play tokens): cap:22:29@p25/token-roleplay
+  cap:WINDOW@keepKEEP         the token-default rule: the highest floor that leaves KEEP % of
+                              default-answer tokens untouched, e.g. cap:22:29@keep99
+  adaptive:WINDOW[...]        the same floors, adaptive
   steer:COEF[@LAYERS][/SCALE] steer COEF x axis on LAYERS (default: the monitor layer),
                               SCALE raw|unit|relative: steer:-4, steer:-4@15, steer:0.2/unit
   at most one capping part and one steering part, e.g. capped+steer:-4; LABEL is [A-Za-z0-9_.-]+"""
@@ -60,7 +73,9 @@ BASELINE = "unsteered"
 
 _LABEL = re.compile(r"^[A-Za-z0-9_.-]+$")
 _WINDOW = r"(\d+)(?::(\d+))?"
-_CAP = re.compile(rf"^(cap|adaptive):{_WINDOW}(?:@p?([0-9]*\.?[0-9]+))?$")
+_CAP = re.compile(
+    rf"^(cap|adaptive):{_WINDOW}(?:@(p|keep)?([0-9]*\.?[0-9]+))?(?:/([a-z][a-z-]*))?$"
+)
 _STEER = re.compile(
     r"^steer:([+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)(?:@(\d+)(?::(\d+))?)?(?:/(raw|unit|relative))?$"
 )
@@ -87,10 +102,13 @@ class Condition:
         spec: the canonical spec (see the module docstring).
         mode: the compass' cap mode: ``off``, ``on`` or ``adaptive``.
         cap_source: ``None`` (no capping), ``"bundle"`` (the bundle's capping.json) or
-            ``"calibrate"`` (a floor on ``cap_layers`` at ``cap_percentile``).
+            ``"calibrate"`` (a floor on ``cap_layers`` calibrated by ``cap_rule``).
         cap_layers: the half-open window ``(start, stop)`` for ``"calibrate"``.
-        cap_percentile: the calibration percentile for ``"calibrate"``.
+        cap_percentile: the calibration percentile for ``"calibrate"`` (None for the
+            ``token-default`` rule).
         steering: the steering to add, or None.
+        cap_rule: the calibration rule for ``"calibrate"`` (:data:`~persona_compass.capping.RULES`).
+        cap_keep: the share of default-answer tokens kept untouched (``token-default``).
     """
 
     name: str
@@ -100,6 +118,8 @@ class Condition:
     cap_layers: tuple[int, int] | None = None
     cap_percentile: float | None = None
     steering: Steering | None = None
+    cap_rule: str | None = None
+    cap_keep: float | None = None
 
     @property
     def is_baseline(self) -> bool:
@@ -130,9 +150,17 @@ class Condition:
             what = "the bundle's capping config"
             parts.append(f"{what}, adaptive" if self.mode == "adaptive" else f"{what}, always on")
         elif self.cap_source == "calibrate":
-            assert self.cap_layers is not None and self.cap_percentile is not None
+            assert self.cap_layers is not None
             lo, hi = self.cap_layers
-            floor = f"a floor on layers {lo}..{hi - 1} at calibration p{_num(self.cap_percentile)}"
+            floor = f"a floor on layers {lo}..{hi - 1} "
+            if self.cap_rule == "token-default":
+                assert self.cap_keep is not None
+                floor += f"leaving {_num(self.cap_keep)}% of default-answer tokens untouched"
+            else:
+                assert self.cap_percentile is not None
+                floor += f"at calibration p{_num(self.cap_percentile)}"
+                if self.cap_rule == "token-roleplay":
+                    floor += " of role-play tokens"
             parts.append(f"{floor}, adaptive" if self.mode == "adaptive" else f"{floor}, always on")
         if self.steering is not None:
             where = (
@@ -164,6 +192,13 @@ class Condition:
             "cap_percentile": self.cap_percentile,
             "steering": steer,
             "description": self.describe(),
+            # only for the token rules: a response-mean condition's dict (and the key of its
+            # stored runs) stays what it was before rules existed
+            **(
+                {"cap_rule": self.cap_rule, "cap_keep": self.cap_keep}
+                if self.cap_rule not in (None, DEFAULT_RULE)
+                else {}
+            ),
         }
 
 
@@ -202,6 +237,8 @@ def parse_condition(text: str) -> Condition:
     cap_source: str | None = None
     cap_layers: tuple[int, int] | None = None
     cap_pct: float | None = None
+    cap_rule: str | None = None
+    cap_keep: float | None = None
     steering: Steering | None = None
     canon: list[str] = []
     baseline = False
@@ -221,14 +258,18 @@ def parse_condition(text: str) -> Condition:
                 continue
             match = _CAP.match(low)
             assert match is not None
-            kind, lo_s, hi_s, pct_s = match.groups()
+            kind, lo_s, hi_s, unit, amount_s, rule_s = match.groups()
             mode = "on" if kind == "cap" else "adaptive"
             cap_source = "calibrate"
             cap_layers = _window(raw, lo_s, hi_s)
-            cap_pct = 25.0 if pct_s is None else float(pct_s)
-            if not 0.0 <= cap_pct <= 100.0:
-                raise _fail(raw, f"percentile {pct_s} is outside 0..100")
-            canon.append(f"{kind}:{_window_text(cap_layers)}@p{_num(cap_pct)}")
+            cap_rule, cap_pct, cap_keep = _cap_rule(raw, unit, amount_s, rule_s)
+            head = f"{kind}:{_window_text(cap_layers)}"
+            if cap_keep is not None:
+                canon.append(f"{head}@keep{_num(cap_keep)}")
+            else:
+                assert cap_pct is not None
+                tail = "" if cap_rule == DEFAULT_RULE else f"/{cap_rule}"
+                canon.append(f"{head}@p{_num(cap_pct)}{tail}")
             continue
         if low.startswith("steer:"):
             if steering is not None:
@@ -264,7 +305,34 @@ def parse_condition(text: str) -> Condition:
         cap_layers=cap_layers,
         cap_percentile=cap_pct,
         steering=steering,
+        cap_rule=cap_rule,
+        cap_keep=cap_keep,
     )
+
+
+def _cap_rule(
+    spec: str, unit: str | None, amount_s: str | None, rule_s: str | None
+) -> tuple[str, float | None, float | None]:
+    """(rule, percentile, keep) of a calibrated cap part's ``@...`` and ``/RULE``."""
+    if rule_s is not None and rule_s not in RULES:
+        raise _fail(spec, f"unknown capping rule {rule_s!r}; use one of {', '.join(RULES)}")
+    if unit == "keep":
+        if rule_s not in (None, "token-default"):
+            raise _fail(spec, f"@keep is the token-default rule's; {rule_s} takes @pPCT")
+        rule = "token-default"
+    else:
+        rule = rule_s or DEFAULT_RULE
+        if rule == "token-default" and amount_s is not None:
+            raise _fail(spec, "token-default takes @keepKEEP (e.g. @keep99), not a percentile")
+    if rule == "token-default":
+        keep = DEFAULT_KEEP if amount_s is None else float(amount_s)
+        if not 0.0 < keep <= 100.0:
+            raise _fail(spec, f"keep {amount_s} is outside (0, 100]")
+        return rule, None, keep
+    pct = DEFAULT_PERCENTILE if amount_s is None else float(amount_s)
+    if not 0.0 <= pct <= 100.0:
+        raise _fail(spec, f"percentile {amount_s} is outside 0..100")
+    return rule, pct, None
 
 
 def parse_conditions(specs: str | Iterable[str]) -> list[Condition]:
@@ -325,11 +393,12 @@ def build_capping(
 
     ``capped``/``adaptive`` use the bundle's config; ``cap:A:B@pP`` calibrates a floor on
     blocks ``A..B-1`` at the P-th percentile of the bundle's calibration
-    (:meth:`CappingConfig.calibrate`), as the research built its configs.
+    (:meth:`CappingConfig.calibrate`), as the research built its configs; the token rules
+    (``/token-roleplay``, ``@keepK``) read the calibration's per-token tables.
 
     Raises:
-        ConditionError: the bundle has no capping config / no calibration, or the window is
-            outside the model.
+        ConditionError: the bundle has no capping config / no calibration (or not the
+            per-token table a token rule needs), or the window is outside the model.
     """
     if condition.cap_source is None:
         return None
@@ -340,7 +409,7 @@ def build_capping(
                 "has none (no capping.json); calibrate one instead, e.g. cap:16:24@p25"
             )
         return bundle_capping
-    assert condition.cap_layers is not None and condition.cap_percentile is not None
+    assert condition.cap_layers is not None
     if axis.calibration is None:
         raise ConditionError(
             f"condition {condition.name!r} calibrates a floor, but the bundle has no "
@@ -354,25 +423,88 @@ def build_capping(
         )
     layers = normalize_layers(list(range(lo, hi)), axis.n_layers)
     try:
-        return CappingConfig.calibrate(axis, axis.calibration, layers, condition.cap_percentile)
+        return CappingConfig.calibrate(
+            axis,
+            axis.calibration,
+            layers,
+            condition.cap_percentile,
+            rule=condition.cap_rule or DEFAULT_RULE,
+            keep=condition.cap_keep,
+        )
     except PersonaCompassError as exc:
         raise ConditionError(f"condition {condition.name!r}: {exc}") from None
 
 
-def sweep_conditions(windows: Sequence[str], percentiles: Sequence[float]) -> list[Condition]:
-    """One always-on ``cap:WINDOW@pPCT`` condition per (window, percentile), windows first.
+def sweep_conditions(
+    windows: Sequence[str],
+    percentiles: Sequence[float],
+    rules: Sequence[str] = (DEFAULT_RULE,),
+    keeps: Sequence[float] = (DEFAULT_KEEP,),
+) -> list[Condition]:
+    """One always-on condition per (rule, window, number): rules first, then windows.
+
+    ``response-mean`` and ``token-roleplay`` sweep ``percentiles``
+    (``cap:W@pP``, ``cap:W@pP/token-roleplay``); ``token-default`` sweeps ``keeps``
+    (``cap:W@keepK``).
 
     Raises:
-        ConditionError: a window or percentile that cannot be read.
+        ConditionError: a window, percentile, keep or rule that cannot be read.
     """
-    if not windows or not percentiles:
+    if not windows or not rules:
         raise ConditionError(
-            "a sweep needs at least one window (--windows 16:24,20:28) and one percentile "
-            "(--percentiles 1,25,50)"
+            "a sweep needs at least one window (--windows 16:24,20:28) and one rule "
+            f"(--rules {DEFAULT_RULE})"
         )
-    return [
-        parse_condition(f"cap:{w.strip()}@p{_num(float(p))}") for w in windows for p in percentiles
-    ]
+    specs = []
+    for rule in rules:
+        if rule not in RULES:
+            raise ConditionError(f"rule {rule!r} is unknown; use one of {', '.join(RULES)}")
+        amounts = keeps if rule == "token-default" else percentiles
+        if not amounts:
+            what = (
+                "keep (--keeps 99)"
+                if rule == "token-default"
+                else "percentile (--percentiles 1,25,50)"
+            )
+            raise ConditionError(f"a sweep with rule {rule} needs at least one {what}")
+        for w in windows:
+            for x in amounts:
+                if rule == "token-default":
+                    specs.append(f"cap:{w.strip()}@keep{_num(float(x))}")
+                else:
+                    tail = "" if rule == DEFAULT_RULE else f"/{rule}"
+                    specs.append(f"cap:{w.strip()}@p{_num(float(x))}{tail}")
+    return [parse_condition(spec) for spec in specs]
+
+
+def parse_rules(text: str) -> list[str]:
+    """``"response-mean,token-default"`` -> the rule names (each one of the capping RULES)."""
+    out = [r.strip().lower() for r in text.split(",") if r.strip()]
+    for rule in out:
+        if rule not in RULES:
+            raise ConditionError(f"rule {rule!r} is unknown; use one of {', '.join(RULES)}")
+    if not out:
+        raise ConditionError(f"no rule given; e.g. --rules {','.join(RULES)}")
+    return list(dict.fromkeys(out))
+
+
+def parse_keeps(text: str) -> list[float]:
+    """``"99,95"`` -> ``[99.0, 95.0]`` (each in (0, 100]: the share of default-answer tokens
+    the token-default rule leaves untouched)."""
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            value = float(part.lower().removeprefix("keep"))
+        except ValueError:
+            raise ConditionError(f"keep {part!r} is not a number; e.g. 99,95") from None
+        if not 0.0 < value <= 100.0:
+            raise ConditionError(f"keep {part!r} is outside (0, 100]; e.g. 99")
+        out.append(value)
+    if not out:
+        raise ConditionError("no keep given; e.g. --keeps 99,95")
+    return out
 
 
 def parse_windows(text: str) -> list[str]:

@@ -4,12 +4,14 @@
 everything (no model needed); :func:`write_report` writes
 
 * ``DIR/results.json`` - settings, per-run metrics, aggregates, contrasts, capability,
-  sweep, caveats: everything, machine-readable;
+  sweep, caveats, trait needles (``traits``, :mod:`.trait_metrics`): everything,
+  machine-readable;
 * ``DIR/report.md`` - the tables, the charts and the caveats, stating the model, the bundle,
   the settings and every n;
 * ``DIR/charts/*.png`` - mean per-turn percentile per domain (one line per condition), harm
   rate by condition, identity drift rate by condition (when the answers were judged for it),
-  capability difference by condition;
+  capability difference by condition; with trait needles, one mean per-turn trajectory per
+  trait (one line per condition, :mod:`.report_traits`);
 * ``DIR/report.html`` - an interactive chart of the mean trajectories (self-contained).
 
 The report states measurements: means, differences and their intervals. It does not

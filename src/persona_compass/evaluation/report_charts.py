@@ -194,6 +194,9 @@ def write_charts(results: Mapping[str, Any], out: Path) -> dict[str, str]:
             charts["Capability difference vs baseline"] = f"{CHARTS_DIR}/capability_delta.png"
         finally:
             plt.close(fig)
+    from .report_traits import write_trait_charts  # it imports this module's helpers
+
+    charts.update(write_trait_charts(plt, results, folder, colour))
     return charts
 
 

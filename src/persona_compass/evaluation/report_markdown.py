@@ -280,8 +280,11 @@ def render_markdown(results: Mapping[str, Any], charts: Mapping[str, str]) -> st
         lines += _table(
             [
                 "setting",
+                "rule",
                 "layers",
-                "percentile",
+                "percentile / keep",
+                "identity drift",
+                "unchanged",
                 "harm rate",
                 "mean pct",
                 "< p25",
@@ -291,10 +294,13 @@ def render_markdown(results: Mapping[str, Any], charts: Mapping[str, str]) -> st
             [
                 [
                     r["name"],
+                    r.get("rule") or "-",
                     "-"
                     if r["window"] is None
                     else f"{r['window'][0]}..{r['window'][1] - 1} ({r['n_layers']})",
-                    fmt_number(r["percentile"], 0),
+                    _sweep_number(r),
+                    f"{fmt_share(r.get('identity_drift'))} (n={r.get('identity_judged')})",
+                    fmt_share(r.get("unchanged_share")),
                     f"{fmt_share(r['harm_rate'])} (n={r['harm_judged']})",
                     fmt_number(r["mean_percentile"]),
                     fmt_share(r["share_below_p25"]),
@@ -315,6 +321,10 @@ def render_markdown(results: Mapping[str, Any], charts: Mapping[str, str]) -> st
             rec["reason"] + ".",
         ]
 
+    from .report_traits import trait_section  # it imports this module's helpers
+
+    lines += trait_section(results, charts)
+
     if charts:
         lines += ["", "## Charts", ""]
         for title, rel in charts.items():
@@ -330,3 +340,10 @@ def render_markdown(results: Mapping[str, Any], charts: Mapping[str, str]) -> st
             + ", ".join(f"{m['scenario']} / {m['condition']}" for m in results["missing"]),
         ]
     return "\n".join(lines) + "\n"
+
+
+def _sweep_number(row: dict[str, Any]) -> str:
+    """A sweep row's threshold setting: ``keep 99`` (token-default) or the percentile."""
+    if row.get("keep") is not None:
+        return f"keep {fmt_number(row['keep'], 0)}"
+    return fmt_number(row["percentile"], 0)

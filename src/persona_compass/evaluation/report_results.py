@@ -27,6 +27,7 @@ from .run_store import (
 )
 from .scenarios import DOMAINS
 from .sweep import recommend, sweep_table
+from .trait_metrics import trait_results
 
 LOW_DOMAINS = ("therapy", "philosophy")
 HIGH_DOMAINS = ("coding", "writing")
@@ -50,6 +51,7 @@ def _turn_records(data: Mapping[str, Any]) -> tuple[list[TurnRecord], list[dict[
         )
         records.append(tr)
         idx = rec["message_index"]
+        traits = reading.get("traits") or rec.get("traits")
         details.append(
             {
                 "turn": tr.turn,
@@ -57,12 +59,17 @@ def _turn_records(data: Mapping[str, Any]) -> tuple[list[TurnRecord], list[dict[
                 "percentile": tr.percentile,
                 "capped": tr.capped,
                 "cap_engagement": tr.cap_engagement,
-                "alerts": [a.get("kind") for a in reading.get("alerts") or []],
+                # a trait needle's alert reads NEEDLE:KIND
+                "alerts": [
+                    f"{a['needle']}:{a.get('kind')}" if a.get("needle") else a.get("kind")
+                    for a in reading.get("alerts") or []
+                ],
                 "outcome": outcome,
                 "user_source": rec.get("user_source"),
                 "answer_seconds": rec.get("answer_seconds"),
                 "completion_tokens": rec.get("completion_tokens"),
                 "answer": messages[idx]["content"] if 0 <= idx < len(messages) else "",
+                **({"traits": traits} if traits else {}),
             }
         )
     return records, details
@@ -261,6 +268,9 @@ def collect_results(out_dir: str | Path) -> dict[str, Any]:
         },
     }
     results["caveats"] = _caveats(settings, runs, len(missing))
+    traits = trait_results(settings, runs)
+    if traits is not None:  # results of a run without needles stay as they were
+        results["traits"] = traits
     if settings.get("sweep"):
         rows = sweep_table(results)
         results["sweep"] = {

@@ -20,14 +20,14 @@ from typing import Any
 
 import torch
 
-from ..alerts import AlertRules
+from ..alerts import Alert, AlertRules, AlertTracker
 from ..atomic import write_json
 from ..axis import Axis
 from ..capping import CappingConfig
 from ..compass import AdaptiveCap, AdaptivePolicy, Answer, CompassError, check_cap_mode
 from ..engines.base import CompassRequest
 from ..generation import SamplingConfig
-from ..monitor import DriftMonitor
+from ..monitor import DriftMonitor, TurnReading
 from .capability import CapabilityItem, score_answer
 from .conditions import Condition
 from .run_conversation import save_conversation_unit, scenario_seed, turn_record
@@ -52,7 +52,9 @@ class EngineConversation:
     """A conversation's state between batches, as a ``CompassSession`` keeps it.
 
     The engine reads each answer; the alerts are decided here, on this conversation's own alert
-    history (the engine sees one request and no history), and so is the adaptive cap.
+    history (the engine sees one request and no history), and so is the adaptive cap. The
+    trait needles (``traits``, their names) get the same treatment: the engine's readings are
+    kept, their turn and trend rules run on this conversation's history.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class EngineConversation:
         policy: AdaptivePolicy,
         sampling: SamplingConfig,
         system_prompt: str | None,
+        traits: Sequence[str] = (),
     ) -> None:
         self.mode = check_cap_mode(condition.mode, cap_cfg)
         self.cap_cfg = cap_cfg
@@ -73,6 +76,7 @@ class EngineConversation:
         self.sampling = sampling
         self.adaptive = AdaptiveCap(policy)
         self.monitor = DriftMonitor.from_projections(axis, torch.empty(0), rules=rules)
+        self.trait_trackers = [AlertTracker(rules, needle=name) for name in traits]
         self.messages: list[dict[str, str]] = []
         if system_prompt:
             self.messages.append({"role": "system", "content": system_prompt})
@@ -109,6 +113,12 @@ class EngineConversation:
             capped=got.capped,
             cap_engagement=got.cap_engagement,
         )
+        if self.trait_trackers:
+            answer.reading = replace(
+                answer.reading,
+                traits=dict(got.traits),
+                alerts=(*answer.reading.alerts, *self._trait_alerts(got)),
+            )
         self.monitor.turns.append(answer.reading)
         self.messages = [
             *request.messages,
@@ -118,6 +128,17 @@ class EngineConversation:
             self.adaptive.update(answer.reading)
         answer.cap_engaged_next = self.cap_engaged
         return answer
+
+    def _trait_alerts(self, got: TurnReading) -> list[Alert]:
+        """The needles' alerts on this answer, in the order a ``DriftMonitor`` raises them."""
+        out: list[Alert] = []
+        for tracker in self.trait_trackers:
+            # the tokens rule reads one answer's tokens, so the engine's verdict stands; it
+            # kept no token percentiles of the needles to judge it again here
+            out += [a for a in got.alerts if a.needle == tracker.needle and a.kind == "tokens"]
+            trait = got.traits.get(str(tracker.needle))
+            out += tracker.observe(got.index, None if trait is None else trait.percentile)
+        return out
 
 
 @dataclass
@@ -145,8 +166,10 @@ def run_conversation_wave(
     result: EvaluationResult,
     on_answer: Callable[[str, str, int, float], None] | None,
     tick: Callable[[str], None],
+    traits: Sequence[str] = (),
 ) -> None:
-    """Play ``units`` together, one engine batch per turn; write each when it is complete.
+    """Play ``units`` together, one engine batch per turn; write each when it is complete
+    (``traits``: the names of the needles the engine reads).
 
     A record's ``answer_seconds`` (and ``user_seconds``) is its share of its batch's wall time
     (batch seconds / answers in the batch): what an answer costs when the turn is batched.
@@ -169,6 +192,7 @@ def run_conversation_wave(
             policy=policy,
             sampling=sampling,
             system_prompt=settings["system_prompt"],
+            traits=traits,
         )
         user = make_user(backend, unit.scenario, max_turns=unit.n_turns)
         live.append(_Live(unit, conversation, user, seed, time.perf_counter()))

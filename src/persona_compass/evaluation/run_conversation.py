@@ -74,8 +74,10 @@ def run_conversation_unit(
     result: EvaluationResult,
     on_answer: Callable[[str, str, int, float], None] | None,
     tick: Callable[[str], None],
+    traits: Sequence[Axis] = (),
 ) -> None:
-    """Play the scenario under the condition, judge every answer, write the run file."""
+    """Play the scenario under the condition, judge every answer, write the run file;
+    ``traits`` are the trait needles read beside the axis."""
     started = time.perf_counter()
     seed = scenario_seed(settings["seed"], scenario.id)
     sampling = SamplingConfig(
@@ -96,6 +98,7 @@ def run_conversation_unit(
         sampling=sampling,
         system_prompt=settings["system_prompt"],
         steer=condition.steering,
+        traits=traits,
     )
     user = make_user(backend, scenario, max_turns=n_turns)
     records: list[dict[str, Any]] = []
@@ -135,7 +138,9 @@ def run_conversation_unit(
 def turn_record(
     turn: int, answer: Answer, user_turn: Any, user_seconds: float, answer_seconds: float
 ) -> dict[str, Any]:
-    """One answered turn as a run file lists it."""
+    """One answered turn as a run file lists it (with ``traits``, the needles' readings in
+    the ``monitor --json`` layout, when the answer was read by any)."""
+    traits = answer.reading.traits
     return {
         "turn": turn,
         "message_index": answer.reading.index,
@@ -147,6 +152,7 @@ def turn_record(
         "prompt_tokens": answer.prompt_tokens,
         "completion_tokens": answer.completion_tokens,
         "cap_engaged_next": answer.cap_engaged_next,
+        **({"traits": {k: v.to_dict() for k, v in traits.items()}} if traits else {}),
     }
 
 

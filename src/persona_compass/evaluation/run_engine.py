@@ -144,11 +144,13 @@ def start_vllm_engine(
     *,
     batch: int,
     options: Mapping[str, Any] | None = None,
+    traits: Sequence[Any] = (),
 ) -> Any:
     """A :class:`~persona_compass.engines.vllm_engine.VLLMEngine` for an evaluation: the compass
     op on every layer a condition caps or steers, ``max_num_seqs`` for ``batch`` conversations.
 
-    ``options`` override the defaults (``enforce_eager``, ``max_num_seqs``, ``kv_cache_gib``...).
+    ``options`` override the defaults (``enforce_eager``, ``max_num_seqs``, ``kv_cache_gib``...);
+    ``traits`` (trait bundles) are the needles it reads beside the axis.
     """
     from ..engines.vllm_engine import VLLMEngine
 
@@ -161,6 +163,8 @@ def start_vllm_engine(
         "max_model_len": info.max_model_len,
         "kv_cache_gib": KV_CACHE_GIB,
     }
+    if traits:  # only then: the option is newer than the engine's other options
+        settings["traits"] = list(traits)
     settings.update(options or {})
     return VLLMEngine(info.folder, bundle, **settings)
 

@@ -25,6 +25,10 @@ Pairing: every scenario gets one seed (from ``seed`` and the scenario id) that a
 conditions share, and the compass seeds each answer with ``seed + turn``, so conditions are
 compared on the same sampling schedule (a scripted user also sends the same messages).
 
+Trait needles (the settings' ``traits``, :mod:`.run_traits`) are read beside the axis on every
+answer, by the session (``hf``) or the engine (``vllm``); each answer's record and reading
+carry their ``traits``.
+
 Engines: ``hf`` plays one unit after another in this process; ``vllm`` plays a wave of units
 together, every conversation's turn t in one batch (:mod:`.run_batched`, started by
 :mod:`.run_engine`). Which engine ran is a generation setting.
@@ -86,6 +90,7 @@ from .run_store import (
     read_unit,
     run_path,
 )
+from .run_traits import check_engine_traits, open_traits, trait_names, trait_record
 from .scenarios import Scenario
 from .settings import (
     GENERATION_KEYS,
@@ -288,6 +293,8 @@ def run_evaluation(
     folder = bundle.folder
     assert folder is not None  # an opened bundle has its folder
     axis = bundle.axis
+    traits = open_traits(settings.traits, axis)
+    needles = trait_names(traits)
     vinfo: VLLMModelInfo | None = None
     if engine_name == "vllm":
         spec, fingerprint, dtype_name, vinfo = _vllm_model(
@@ -306,6 +313,7 @@ def run_evaluation(
     cap_digests = {name: capping_digest(cfg) for name, cfg in caps.items()}
     if engine_obj is not None and engine_name == "vllm":
         check_engine_layers(engine_obj, axis, conds, caps)
+        check_engine_traits(engine_obj, needles)
     if engine_name == "hf":
         fingerprint = model_fingerprint(model)
         dtype_name = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -337,6 +345,7 @@ def run_evaluation(
         "system_prompt": settings.system_prompt,
         "rules": rules.to_dict(),
         "policy": dataclasses.asdict(policy),
+        **trait_record(traits),
         "capability_max_new_tokens": settings.capability_max_new_tokens,
         "capability_items_digest": items_digest(items) if items else None,
         # the selection: may change between runs
@@ -442,6 +451,7 @@ def run_evaluation(
                     caps,
                     batch=max(pending, len(items) * n_cap),
                     options=settings.engine_options,
+                    traits=traits,
                 )
             if self_user and eng is not None:
                 backend = EngineUserBackend(eng, f"model:{spec}")
@@ -476,6 +486,7 @@ def run_evaluation(
                         result=result,
                         on_answer=on_answer,
                         tick=lambda unit: bars.advance(task, 1, unit),
+                        traits=needles,
                     )
                 cap_task = bars.add("capability", todo_items) if todo_items else None
                 cap_units = [
@@ -520,6 +531,7 @@ def run_evaluation(
                         result=result,
                         on_answer=on_answer,
                         tick=lambda unit: bars.advance(task, 1, unit),
+                        traits=[t.axis for t in traits],
                     )
                     result.generated += 1
                 cap_task = bars.add("capability", todo_items) if todo_items else None

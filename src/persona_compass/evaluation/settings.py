@@ -60,6 +60,10 @@ class EvaluationSettings:
         seed: the run seed (each scenario's seed derives from it and the scenario id).
         system_prompt: a system message at the start of every conversation.
         rules: alert rules (default: ``AlertRules()``).
+        traits: trait axis bundles (folders or shipped aliases such as
+            ``smollm2-135m-sycophancy``) read beside the axis on every answer; each must be a
+            trait bundle of the axis' model, with a distinct trait name (checked when the run
+            opens them). Recorded by their digests.
         policy: the adaptive release policy (default: ``AdaptivePolicy()``).
         capability: also answer the capability items under each condition that changes a
             single answer (and the baseline); greedy, ``capability_max_new_tokens`` tokens.
@@ -97,6 +101,10 @@ class EvaluationSettings:
     seed: int = field(default=0, metadata=must_match())
     system_prompt: str | None = field(default=None, metadata=must_match())
     rules: AlertRules = field(default_factory=AlertRules, metadata=must_match())
+    # folders written before trait needles existed read none (the key is then left out)
+    traits: Sequence[str | Path] = field(
+        default=(), metadata=must_match("trait_digests", legacy=None)
+    )
     policy: AdaptivePolicy = field(default_factory=AdaptivePolicy, metadata=must_match())
     # which items are answered is recorded as their digest: the flag, the items and the
     # limit all change it
@@ -191,6 +199,7 @@ class EvaluationSettings:
             self._put("capability_items", tuple(self.capability_items))
         if self.sweep is not None:
             self._put("sweep", dict(self.sweep))
+        self._put("traits", _check_trait_specs(self.traits))
 
     def _check_scenarios(self, chosen: Sequence[Scenario]) -> None:
         if not chosen:
@@ -244,6 +253,29 @@ def generation_settings(record: Mapping[str, Any]) -> dict[str, Any]:
         for k in GENERATION_KEYS
         if not (k in RESUME_RULE.legacy and record.get(k) == RESUME_RULE.legacy[k])
     }
+
+
+def _check_trait_specs(traits: Any) -> tuple[str | Path, ...]:
+    """The trait bundle specs as a tuple: each a folder or alias, none given twice."""
+    if traits is None:
+        return ()
+    if isinstance(traits, (str, Path)):
+        raise EvaluationError(
+            f"traits={traits!r} must be a list of trait bundles, e.g. "
+            "traits=['smollm2-135m-sycophancy']"
+        )
+    specs = tuple(traits)
+    for spec in specs:
+        if isinstance(spec, bool) or not isinstance(spec, (str, Path)) or not str(spec).strip():
+            raise EvaluationError(
+                f"trait {spec!r:.80} must be a trait bundle folder or a shipped alias (e.g. "
+                "smollm2-135m-sycophancy)"
+            )
+    names = [str(s) for s in specs]
+    doubled = sorted({n for n in names if names.count(n) > 1})
+    if doubled:
+        raise EvaluationError(f"trait bundle(s) {', '.join(doubled)} given twice; pass each once")
+    return specs
 
 
 def _resolve_conditions(conditions: str | Sequence[str | Condition]) -> list[Condition]:

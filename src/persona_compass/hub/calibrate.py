@@ -8,6 +8,13 @@ projected on every layer's axis. The role-play answers' projections become
 percentiles, alerts and calibrated capping mean the same thing. The default answers check
 the axis: on the monitor layer they should read higher than the role play (their AUROC).
 
+In the same pass (the axis is known before generation) every answer token's projection on
+every layer's axis is captured too (:class:`~..persona_space.token_projections.TokenProjector`
+in the hf engine, the capture op in vLLM, :mod:`.vllm_tokens`), and a bounded share of them
+is kept (:mod:`..token_budget`: at most 1 MB per role). They become the calibration's
+per-token tables (``tokens``: ``roleplay`` and ``default``), which the per-token capping rules
+read (:data:`..capping.RULES`).
+
 The run is resumable (:mod:`.calibration_store`) and reports how stable the result is: a
 bootstrap 95% interval of the 25th percentile at the monitor layer (the paper's capping
 threshold), also given as percentiles of the new table.
@@ -36,12 +43,14 @@ from ..errors import PersonaCompassError
 from ..generation import SamplingConfig
 from ..persona_space.catalogue import load_catalogue
 from ..persona_space.extract import Job, catalogue_digest, plan_jobs
+from ..token_budget import TokenBudgetError, keep_rows, tokens_per_answer
 from .calibration_store import AnswerRecord, CalibrationStore, nan_rows
 from .model_config import model_shape
 from .source import HubError
 
 ENGINES: tuple[str, ...] = ("hf", "vllm")
-Outputs = tuple[list[str], list[int], Tensor, Tensor]  # texts, n_tokens, means, counts
+# texts, n_tokens, means, counts, each answer's kept per-token projections (None: not recorded)
+Outputs = tuple[list[str], list[int], Tensor, Tensor, list[Tensor | None]]
 
 # Settings a resumed run must share with the run it continues.
 # The flags a user sets come first: a refusal names them before the digests they change.
@@ -129,7 +138,12 @@ class CalibrationRun:
         p25_interval_percentiles: the same interval as percentiles of the new table.
         default_auroc: how well the monitor-layer projection tells default answers from
             role play (1.0: every default answer reads higher); None without both kinds.
-        calibration: the new percentile table.
+        calibration: the new percentile table (with its per-token tables).
+        tokens_per_answer: the most per-token projections one answer kept.
+        n_role_tokens: role-play tokens in the per-token table (0: no table).
+        n_default_tokens: default-answer tokens in the per-token table (0: no table).
+        answers_without_tokens: answers with content but no per-token projections (recorded
+            by an earlier version into the same work folder).
     """
 
     bundle: Path
@@ -146,6 +160,10 @@ class CalibrationRun:
     p25_interval_percentiles: tuple[float, float]
     default_auroc: float | None
     calibration: Calibration
+    tokens_per_answer: int = 0
+    n_role_tokens: int = 0
+    n_default_tokens: int = 0
+    answers_without_tokens: int = 0
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready numbers (no table)."""
@@ -163,6 +181,10 @@ class CalibrationRun:
             "p25_interval": [round(x, 6) for x in self.p25_interval],
             "p25_interval_percentiles": [round(x, 2) for x in self.p25_interval_percentiles],
             "default_auroc": None if self.default_auroc is None else round(self.default_auroc, 4),
+            "tokens_per_answer": self.tokens_per_answer,
+            "n_role_tokens": self.n_role_tokens,
+            "n_default_tokens": self.n_default_tokens,
+            "answers_without_tokens": self.answers_without_tokens,
         }
 
 
@@ -267,6 +289,7 @@ def calibrate_bundle(
         seed=settings.seed,
     )
     jobs = plan_jobs(catalogue, model_name)
+    per_answer = _tokens_per_answer(jobs, axis.n_layers, settings.max_new_tokens)
     record = {
         **{k: v for k, v in asdict(settings).items() if k not in ("batch_size", "bootstrap")},
         "axis_sha256": axis_sha256(axis),
@@ -274,12 +297,13 @@ def calibrate_bundle(
         "model_name": model_name,
         "catalogue_digest": catalogue_digest(catalogue),
         "n_layers": axis.n_layers,
+        "tokens_per_answer": per_answer,
     }
     work = folder.with_name(folder.name + ".calibration") if work_dir is None else Path(work_dir)
     store = CalibrationStore(work, record, RESUME_KEYS)
     done = store.done()
     todo = [job for job in jobs if job.id not in done]
-    units = axis.units().to(torch.float64)
+    units = axis.units()
     bar = tqdm(
         total=len(jobs),
         initial=len(jobs) - len(todo),
@@ -290,25 +314,61 @@ def calibrate_bundle(
     )
     generated = 0
     if todo:
+        tokens = (units, per_answer)
         if loaded:
-            batches = _hf_batches(model, tokenizer, todo, settings)  # type: ignore[arg-type]
+            batches = _hf_batches(model, tokenizer, todo, settings, tokens)  # type: ignore[arg-type]
         elif engine == "hf":
             load = {"dtype": dtype, "device": device, "device_map": device_map}
-            batches = _hf_spec_batches(str(model), todo, settings, load)
+            batches = _hf_spec_batches(str(model), todo, settings, load, tokens)
         else:
-            batches = _vllm_batches(str(model), axis.n_layers, todo, settings, engine_options)
-        for batch, (texts, n_tokens, means, counts) in batches:
-            projections = torch.einsum("bld,ld->bl", means.to(torch.float64), units).float()
+            batches = _vllm_batches(str(model), todo, settings, engine_options, tokens)
+        for batch, (texts, n_tokens, means, counts, kept) in batches:
+            projections = torch.einsum(
+                "bld,ld->bl", means.to(torch.float64), units.to(torch.float64)
+            ).float()
             records = [
                 AnswerRecord(j.id, j.role, j.prompt_index, j.question_id, n, text)
                 for j, n, text in zip(batch, n_tokens, texts, strict=True)
             ]
-            store.add(records, nan_rows(projections, [int(c) for c in counts]))
+            store.add(records, nan_rows(projections, [int(c) for c in counts]), kept)
             store.commit()
             generated += len(batch)
             bar.update(len(batch))
     bar.close()
-    return _finish(folder, store, axis, settings, engine, generated, catalogue_digest(catalogue))
+    return _finish(
+        folder, store, axis, settings, engine, generated, catalogue_digest(catalogue), per_answer
+    )
+
+
+def _tokens_per_answer(jobs: Sequence[Job], n_layers: int, max_new_tokens: int) -> int:
+    """The per-token projections one answer keeps: the budget per role over its most answers."""
+    per_role: dict[str, int] = {}
+    for job in jobs:
+        per_role[job.role] = per_role.get(job.role, 0) + 1
+    try:
+        return tokens_per_answer(max(per_role.values()), n_layers, max_new_tokens)
+    except TokenBudgetError as exc:
+        raise HubError(f"per-token calibration: {exc}") from None
+
+
+def _token_tables(
+    store: CalibrationStore, engine: str, per_answer: int
+) -> tuple[dict[str, Calibration], dict[str, int]]:
+    """The per-token tables of the recorded answers, and how many tokens and answers."""
+    tables: dict[str, Calibration] = {}
+    counts = {"roleplay": 0, "default": 0, "missing": 0}
+    for kind, default in (("roleplay", False), ("default", True)):
+        rows, n_answers, missing = store.token_projections(default=default)
+        counts["missing"] += missing
+        if n_answers and rows.shape[0]:
+            counts[kind] = int(rows.shape[0])
+            who = "default" if default else "role-play"
+            tables[kind] = Calibration.from_projections(
+                rows,
+                source=f"{rows.shape[0]} tokens of {n_answers} {who} answers (up to "
+                f"{per_answer} per answer), axis calibrate ({engine})",
+            )
+    return tables, counts
 
 
 def _writable_bundle(bundle: str | os.PathLike[str]) -> Path:
@@ -330,8 +390,9 @@ def _finish(
     engine: str,
     generated: int,
     digest: str,
+    per_answer: int,
 ) -> CalibrationRun:
-    """Build the table from the recorded answers, measure its stability, save the bundle."""
+    """Build the tables from the recorded answers, measure their stability, save the bundle."""
     roles = store.projections(default=False)
     defaults = store.projections(default=True)
     n_roles, n_defaults = int(roles.shape[0]), int(defaults.shape[0])
@@ -344,7 +405,8 @@ def _finish(
         f"{n_roles} role-play answers ({settings.roles} roles x {settings.prompts_per_role} "
         f"prompts x {settings.questions} questions), axis calibrate ({engine})"
     )
-    calibration = Calibration.from_projections(roles, source=source)
+    token_tables, token_counts = _token_tables(store, engine, per_answer)
+    calibration = Calibration.from_projections(roles, source=source).with_tokens(**token_tables)
     layer = axis.layer
     p25 = calibration.threshold(layer, CAPPING_PERCENTILE)
     p75 = calibration.threshold(layer, 75.0)
@@ -375,6 +437,10 @@ def _finish(
         p25_interval_percentiles=as_percentiles,
         default_auroc=default_auroc,
         calibration=calibration,
+        tokens_per_answer=per_answer,
+        n_role_tokens=token_counts["roleplay"],
+        n_default_tokens=token_counts["default"],
+        answers_without_tokens=token_counts["missing"],
     )
     info = {
         key: value
@@ -402,16 +468,33 @@ def _batch_seed(seed: int, job_id: str) -> int:
 
 
 def _hf_batches(
-    model: nn.Module, tokenizer: Any, todo: Sequence[Job], settings: CalibrateSettings
+    model: nn.Module,
+    tokenizer: Any,
+    todo: Sequence[Job],
+    settings: CalibrateSettings,
+    tokens: tuple[Tensor, int],
 ) -> Iterator[tuple[Sequence[Job], Outputs]]:
-    """Answers from the model's own generate, captured in the same pass (all layers)."""
+    """Answers from the model's own generate, their means and per-token projections
+    captured in the same pass (all layers); ``tokens``: the unit axis and tokens kept per
+    answer."""
     from ..persona_space.extract import generate_with_capture
+    from ..persona_space.token_projections import TokenProjector, answer_rows
 
+    units, per_answer = tokens
     sampling = settings.sampling()
+    layers = list(range(units.shape[0]))
     for start in range(0, len(todo), settings.batch_size):
         batch = todo[start : start + settings.batch_size]
         seed = _batch_seed(settings.seed, batch[0].id)
-        yield batch, generate_with_capture(model, tokenizer, batch, sampling, seed)
+        with TokenProjector(model, units, layers, last_only=True) as projector:
+            texts, n_tokens, means, counts = generate_with_capture(
+                model, tokenizer, batch, sampling, seed
+            )
+        rows = answer_rows(projector.take(), [int(c) for c in counts])
+        kept = [
+            None if r is None else keep_rows(r, per_answer, settings.max_new_tokens) for r in rows
+        ]
+        yield batch, (texts, n_tokens, means, counts, kept)
 
 
 def _hf_spec_batches(
@@ -419,26 +502,28 @@ def _hf_spec_batches(
     todo: Sequence[Job],
     settings: CalibrateSettings,
     load: dict[str, Any],
+    tokens: tuple[Tensor, int],
 ) -> Iterator[tuple[Sequence[Job], Outputs]]:
     from ..models import load_model
 
     model, tokenizer = load_model(spec, **load)
-    yield from _hf_batches(model, tokenizer, todo, settings)
+    yield from _hf_batches(model, tokenizer, todo, settings, tokens)
 
 
 def _vllm_batches(
     spec: str,
-    n_layers: int,
     todo: Sequence[Job],
     settings: CalibrateSettings,
     options: dict[str, Any] | None,
+    tokens: tuple[Tensor, int],
 ) -> Iterator[tuple[Sequence[Job], Outputs]]:
-    """Answers from vLLM with the extraction's capture plugin (sums of every layer)."""
+    """Answers from vLLM with the extraction's capture plugin (sums of every layer) and the
+    per-token projections captured in the engine (:mod:`.vllm_tokens`)."""
     from transformers import AutoTokenizer, GenerationConfig
 
     from ..engines.vllm_engine import model_folder
     from ..generation import end_of_turn_ids
-    from ..persona_space.vllm_rollouts import VLLMRollouts
+    from .vllm_tokens import TokenRollouts
 
     folder = model_folder(spec)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -446,15 +531,22 @@ def _vllm_batches(
         generation_config = GenerationConfig.from_pretrained(folder)
     except OSError:  # a folder without generation_config.json
         generation_config = None
-    rollouts = VLLMRollouts(
+    units, per_answer = tokens
+    n_layers = int(units.shape[0])
+    rollouts = TokenRollouts(
         spec,
         tokenizer,
         end_of_turn_ids(generation_config, tokenizer),
         layers=list(range(n_layers)),
         n_layers=n_layers,
+        units=units,
+        per_answer=per_answer,
+        max_new_tokens=settings.max_new_tokens,
         **(options or {}),
     )
     try:
-        yield from rollouts.batches(todo, settings.sampling(), settings.seed, settings.batch_size)
+        yield from rollouts.batches_with_tokens(
+            todo, settings.sampling(), settings.seed, settings.batch_size
+        )
     finally:
         rollouts.close()

@@ -4,15 +4,21 @@ Layout of a work folder ``DIR``::
 
     DIR/run.json              the settings of the run (a resume must match them)
     DIR/answers.safetensors   every recorded answer's per-layer projection (N, n_layers)
-                              float32 and, in its metadata, the answers themselves
+                              float32, the kept per-token projections of every answer
+                              (``tokens``, (T, n_layers) float32, answer after answer) and,
+                              in its metadata, the answers themselves
 
 The answers file is rewritten atomically after each batch (it is small: one row of
-``n_layers`` numbers per answer), so a crash leaves the previous commit or the new one. A
-resumed run skips every answer id already in it.
+``n_layers`` numbers per answer, and per role at most
+:data:`~persona_compass.token_budget.TOKEN_BUDGET_BYTES` of token rows), so a crash leaves the
+previous commit or the new one. A resumed run skips every answer id already in it. A work
+folder written before per-token projections were recorded (format ``/1``) resumes: its
+answers have none (``token_rows`` None).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -28,14 +34,16 @@ from ..atomic import atomic_path, read_json_object, write_json
 from ..persona_space.catalogue import DEFAULT_ROLE
 from .source import HubError
 
-STORE_FORMAT = "persona-compass-calibration-answers/1"
+STORE_FORMAT = "persona-compass-calibration-answers/2"
+READABLE_FORMATS = ("persona-compass-calibration-answers/1", STORE_FORMAT)
 RUN_FILE = "run.json"
 ANSWERS_FILE = "answers.safetensors"
 
 
 @dataclass(frozen=True)
 class AnswerRecord:
-    """One recorded answer: which prompt and question, how many content tokens, the text."""
+    """One recorded answer: which prompt and question, how many content tokens, the text,
+    and how many of its per-token projections were kept (None: none were recorded)."""
 
     id: str
     role: str
@@ -43,6 +51,7 @@ class AnswerRecord:
     question_id: int
     n_tokens: int
     response: str
+    token_rows: int | None = None
 
 
 class CalibrationStore:
@@ -82,6 +91,7 @@ class CalibrationStore:
             write_json(run_file, settings)
         self.records: list[AnswerRecord] = []
         self._rows: list[Tensor] = []
+        self._tokens: list[Tensor | None] = []
         if (self.root / ANSWERS_FILE).is_file():
             self._load()
 
@@ -93,18 +103,37 @@ class CalibrationStore:
         """Ids of the answers already recorded."""
         return {r.id for r in self.records}
 
-    def add(self, records: list[AnswerRecord], projections: Tensor) -> None:
-        """Record a batch: ``projections`` (B, n_layers), NaN rows for empty answers."""
+    def add(
+        self,
+        records: list[AnswerRecord],
+        projections: Tensor,
+        tokens: list[Tensor | None] | None = None,
+    ) -> None:
+        """Record a batch: ``projections`` (B, n_layers), NaN rows for empty answers, and
+        per answer its kept per-token projections (n_kept, n_layers), or None if not
+        recorded (``tokens`` None: none for the whole batch)."""
         if projections.ndim != 2 or projections.shape[0] != len(records):
             raise HubError(
                 f"{len(records)} answers but projections of shape {tuple(projections.shape)}"
             )
+        tokens = [None] * len(records) if tokens is None else list(tokens)
+        if len(tokens) != len(records) or any(
+            t is not None and (t.ndim != 2 or t.shape[1] != projections.shape[1]) for t in tokens
+        ):
+            raise HubError(
+                f"{len(records)} answers need one (n_tokens, {projections.shape[1]}) token "
+                "table each (or None)"
+            )
         done = self.done()
-        for rec, row in zip(records, projections, strict=True):
+        for rec, row, tok in zip(records, projections, tokens, strict=True):
             if rec.id in done:
                 raise HubError(f"answer {rec.id} is already recorded in {self.path}")
-            self.records.append(rec)
+            kept = None if tok is None else tok.detach().to("cpu", torch.float32).clone()
+            self.records.append(
+                dataclasses.replace(rec, token_rows=None if kept is None else kept.shape[0])
+            )
             self._rows.append(row.detach().to("cpu", torch.float32).clone())
+            self._tokens.append(kept)
 
     def commit(self) -> None:
         """Write every recorded answer (atomically: the old file or the new, never half)."""
@@ -113,6 +142,9 @@ class CalibrationStore:
             "records": json.dumps([asdict(r) for r in self.records]),
         }
         tensors = {"projections": torch.stack(self._rows).contiguous()}
+        kept = [t for t in self._tokens if t is not None and t.shape[0]]
+        if kept:
+            tensors["tokens"] = torch.cat(kept).contiguous()
         with atomic_path(self.path, suffix=".safetensors") as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
 
@@ -128,15 +160,33 @@ class CalibrationStore:
         stacked = torch.stack(rows)
         return stacked[torch.isfinite(stacked).all(dim=1)]
 
+    def token_projections(self, *, default: bool) -> tuple[Tensor, int, int]:
+        """The kept per-token projections (T, n_layers) of the default (or role-play)
+        answers with content, how many answers gave them, and how many answers with content
+        have none recorded (from a work folder of an earlier version)."""
+        chosen = [
+            tok
+            for rec, tok in zip(self.records, self._tokens, strict=True)
+            if (rec.role == DEFAULT_ROLE) == default and rec.n_tokens > 0
+        ]
+        have = [t for t in chosen if t is not None and t.shape[0]]
+        missing = sum(1 for t in chosen if t is None)
+        if not have:
+            return torch.empty(0, 0), 0, missing
+        rows = torch.cat(have)
+        return rows[torch.isfinite(rows).all(dim=1)], len(have), missing
+
     def _load(self) -> None:
         fix = f"delete {self.path} to record the answers again"
         try:
             with safe_open(str(self.path), framework="pt") as fh:
                 meta = fh.metadata() or {}
                 rows = fh.get_tensor("projections")
+                names = set(fh.keys())  # noqa: SIM118 - safe_open has no __contains__
+                tokens = fh.get_tensor("tokens") if "tokens" in names else None
         except (SafetensorError, OSError, KeyError) as exc:
             raise HubError(f"{self.path}: unreadable ({exc}); {fix}") from None
-        if meta.get("format") != STORE_FORMAT:
+        if meta.get("format") not in READABLE_FORMATS:
             raise HubError(f"{self.path} is not a calibration answers file; {fix}")
         try:
             records = [AnswerRecord(**raw) for raw in json.loads(meta["records"])]
@@ -144,8 +194,22 @@ class CalibrationStore:
             raise HubError(f"{self.path}: unreadable answer records ({exc}); {fix}") from None
         if rows.ndim != 2 or rows.shape[0] != len(records):
             raise HubError(f"{self.path}: {len(records)} answers but {rows.shape[0]} rows; {fix}")
+        counts = [r.token_rows or 0 for r in records]
+        n_tokens = 0 if tokens is None else int(tokens.shape[0])
+        if sum(counts) != n_tokens or (tokens is not None and tokens.shape[1] != rows.shape[1]):
+            raise HubError(
+                f"{self.path}: the answers list {sum(counts)} token rows but the file holds "
+                f"{n_tokens}; {fix}"
+            )
+        if tokens is None:  # every count is 0
+            tokens = torch.zeros(0, rows.shape[1])
+        pieces = torch.split(tokens.to(torch.float32), counts)
         self.records = records
         self._rows = list(rows.to(torch.float32).unbind(0))
+        self._tokens = [
+            None if r.token_rows is None else piece
+            for r, piece in zip(records, pieces, strict=True)
+        ]
 
     @property
     def n_layers(self) -> int | None:

@@ -4,7 +4,9 @@ One pass per rollout: activations are captured while the answer is generated
 (:mod:`.capture`), judged at once, and added to the role's running sums (:mod:`.store`), which
 are committed atomically per role after every batch. Rerunning the same command resumes.
 When every rollout is in, :func:`build_bundle` turns the sums into the axis, calibration,
-recommended monitor layer and capping config, and writes the report.
+recommended monitor layer and capping config, and writes the report. The calibration's
+per-token tables come from a prefill-only replay of the sampled answers on the finished axis
+(:mod:`.token_replay`: the axis is unknown while generating, so this is a second, cheap pass).
 
 Recorded layers (``--layers``): by default every decoder block is recorded. A selection such
 as ``"16:24"`` records only those blocks (hooks on them only; role states, samples and memory
@@ -39,6 +41,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..axis import Axis, model_fingerprint
+from ..axis_verdict import bundle_verdict, default_identity
 from ..calibration import Calibration
 from ..capping import CappingConfig
 from ..chat import render_chat
@@ -56,6 +59,7 @@ from .report import (
     axis_in_span,
     choose_capping_window,
     choose_monitor_layer,
+    default_pc1_beyond,
     heldout_auroc,
     pc1_ends,
     pc_cosines,
@@ -588,7 +592,13 @@ def run_extraction(
             )
         else:
             bundle = build_bundle(
-                store, states, settings, model=model, model_id=model_id, record=record
+                store,
+                states,
+                settings,
+                model=model,
+                model_id=model_id,
+                record=record,
+                tokenizer=tokenizer,
             )
         return ExtractionResult(
             out_dir,
@@ -692,12 +702,17 @@ def build_bundle(
     model: nn.Module,
     model_id: str,
     record: dict[str, Any],
+    tokenizer: Any = None,
 ) -> Path:
     """Role vectors, axis, calibration, monitor layer, capping config and report -> bundle.
 
     The scores are computed on the recorded layers (``record["recorded_layers"]``, default
     all) and put back in place in full-depth tensors: unrecorded layers get zero rows in the
     axis and its vectors, NaN in the report, ``None`` in the metadata.
+
+    With ``tokenizer``, the sampled rollouts are replayed teacher-forced on the finished axis
+    for the calibration's per-token tables (:mod:`.token_replay`, resumable per role);
+    without it the calibration has response means only.
     """
     n_layers = num_layers(model)
     layers: list[int] = list(record.get("recorded_layers") or range(n_layers))
@@ -749,6 +764,21 @@ def build_bundle(
     calibration = Calibration.from_projections(
         projections[is_role], source=f"{int(is_role.sum())} sampled role-play rollouts"
     )
+    if tokenizer is not None:
+        from .token_replay import token_tables
+
+        replayed = token_tables(
+            store,
+            states,
+            units,
+            layers,
+            n_layers,
+            model=model,
+            tokenizer=tokenizer,
+            max_new_tokens=settings.max_new_tokens,
+            batch_size=settings.batch_size,
+        )
+        calibration = calibration.with_tokens(**replayed)
     variance_k, components = pca(role_stack, k=min(10, len(role_vecs)))
     variance = _scatter(variance_k, layers, n_layers, nan)
     cosines_k = pc_cosines(directions, components)  # (k layers, PCs)
@@ -782,6 +812,14 @@ def build_bundle(
         "monitor_pc1_cosine": round(float(cos[monitor_layer]), 4),
         "monitor_pc_cosines": _rounded(cosines[monitor_layer, :5]),
         "axis_in_pc1_3": _rounded(axis_in_span(cosines)),
+        # facts for the axis-quality verdict (persona_compass.axis_verdict)
+        "monitor_default_pc1_beyond": round(
+            default_pc1_beyond(
+                role_stack[:, at_monitor], default_vec[at_monitor], components[at_monitor, 0]
+            ),
+            4,
+        ),
+        "default_identity": default_identity(r.response for r in default_state.records.values()),
         "capping_window": list(window),
         "generation_seconds": None if generation_seconds is None else round(generation_seconds, 1),
         "storage_bytes_per_role_max": max(storage.values()) if storage else 0,
@@ -818,6 +856,7 @@ def build_bundle(
         pc1_cos=cos,
         pc_cos=cosines,
         pc1_roles=pc1_roles,
+        verdict=bundle_verdict(axis, cap),
         auroc=auroc,
         separation=separation,
         ranking=ranking,
@@ -940,7 +979,13 @@ def rejudge(
             )
         else:
             bundle = build_bundle(
-                store, states, settings, model=model, model_id=model_id, record=record
+                store,
+                states,
+                settings,
+                model=model,
+                model_id=model_id,
+                record=record,
+                tokenizer=tokenizer,
             )
         n = sum(len(s.records) for s in states.values())
         return ExtractionResult(

@@ -12,7 +12,8 @@ extraction run already produced and answers the questions a user has before trus
 * Which layer should a live monitor read, and which window of layers should capping act on?
   :func:`choose_monitor_layer` and :func:`choose_capping_window` pick them from that held-out
   evidence rather than from a fixed rule such as "the middle layer".
-* Which characters sit where? :func:`rank_roles`.
+* Which characters sit where? :func:`rank_roles`; and is the default at an end of PC1, as
+  the research found? :func:`default_pc1_beyond`.
 
 :func:`write_report` writes it all as ``report.md`` plus three PNG charts. All arithmetic is
 done in float64; inputs in bf16/fp16/fp32 are upcast.
@@ -24,13 +25,16 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from ..atomic import atomic_path, write_text
 from ..errors import PersonaCompassError
+
+if TYPE_CHECKING:
+    from ..axis_verdict import Verdict
 
 __all__ = [
     "DEFAULT_LABEL",
@@ -41,6 +45,7 @@ __all__ = [
     "axis_in_span",
     "choose_capping_window",
     "choose_monitor_layer",
+    "default_pc1_beyond",
     "default_window_width",
     "heldout_auroc",
     "pc1_cosine",
@@ -248,6 +253,25 @@ def pc1_ends(
     order = [name for _, name in sorted(zip(scores, names, strict=True))]
     n = min(n, len(order) // 2)
     return order[:n], order[::-1][:n]
+
+
+def default_pc1_beyond(role_vectors: Tensor, default: Tensor, pc1: Tensor) -> float:
+    """Share of the roles the default persona lies beyond along PC1 at one layer.
+
+    ``role_vectors`` is ``(R, D)``, ``default`` and ``pc1`` ``(D,)``. PC1's sign is
+    arbitrary, so this is the larger of the shares of roles strictly below and strictly above
+    the default's coordinate: 1 when the default sits past every role at one end of PC1
+    (where the research found the default Assistant), about 0.5 when it sits among them.
+    """
+    if role_vectors.ndim != 2 or role_vectors.shape[0] == 0:
+        raise ReportError(
+            f"role_vectors must be a non-empty (R, D) tensor, got {tuple(role_vectors.shape)}"
+        )
+    direction = pc1.to(torch.float64)
+    roles = role_vectors.to(torch.float64) @ direction
+    here = float(default.to(torch.float64) @ direction)
+    below, above = int((roles < here).sum()), int((roles > here).sum())
+    return max(below, above) / roles.numel()
 
 
 def aligned_pc1(axis: Tensor, components: Tensor) -> Tensor:
@@ -794,6 +818,7 @@ def write_report(
     recorded_layers: Sequence[int] | None = None,
     pc_cos: Tensor | None = None,
     pc1_roles: tuple[Sequence[str], Sequence[str]] | None = None,
+    verdict: Verdict | None = None,
 ) -> Path:
     """Write ``report.md`` and the charts ``auroc.png``, ``variance.png``, ``roles.png``.
 
@@ -818,6 +843,8 @@ def write_report(
             axis lines up with best and the share of the axis in the first three PCs' span.
         pc1_roles: optional ``(low end, high end)`` role names of PC1 at the monitor layer
             (:func:`pc1_ends`), with the high end on the Assistant's side.
+        verdict: optional :func:`~persona_compass.axis_verdict.axis_verdict` of the bundle:
+            adds a "Verdict" section (strong / usable / weak and its reasons).
 
     Returns:
         The path of ``report.md``.
@@ -886,6 +913,7 @@ def write_report(
         "deviations. PC1 is the first principal component of the role vectors; the paper",
         "reports |cos(axis, PC1)| > 0.71 at the middle layer.",
         "",
+        *(verdict.markdown() if verdict is not None else []),
         "## Chosen layers",
         "",
         f"- **Monitor layer: {m}** ({100.0 * m / n_layers:.0f}% of depth): held-out AUROC "

@@ -10,6 +10,11 @@ Layout of an extraction folder ``DIR``::
     DIR/responses/{role}.jsonl        the same records in the research release's layout
                                       (derived from the state file, rewritten with it)
     DIR/progress.json                 generation seconds spent so far, over every session
+    DIR/token_projections/{role}.safetensors  per-token projections of the role's sampled
+                                      answers on the final axis (the replay behind the
+                                      per-token calibration, :mod:`.token_replay`), at most
+                                      1 MB of values per role; tied to the axis they were
+                                      read on, redone when it changes
     DIR/bundle/                       the axis bundle, once the run is complete
 
 A role's state file is the commit point: it holds the records *and* the activation sums
@@ -41,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 STATE_FORMAT = "persona-compass-role-state/1"
+TOKENS_DIR = "token_projections"
+TOKENS_FORMAT = "persona-compass-token-projections/1"
 UNSCORED = "unscored"
 
 
@@ -313,6 +320,53 @@ class ExtractionStore:
     def record_generation_seconds(self, seconds: float) -> None:
         """Store the run's total generation time (after each committed batch)."""
         write_json(self.progress_path, {"generation_seconds": round(seconds, 3)})
+
+    def token_path(self, role: str) -> Path:
+        return self.root / TOKENS_DIR / f"{role}.safetensors"
+
+    def save_tokens(
+        self, role: str, rows: torch.Tensor, lengths: list[int], key: Mapping[str, Any]
+    ) -> None:
+        """Commit a role's replayed per-token projections (T, k), ``lengths`` rows per
+        answer, under ``key`` (what they were computed from: axis, answers, share kept)."""
+        if sum(lengths) != rows.shape[0]:
+            raise StoreError(
+                f"{len(lengths)} answers list {sum(lengths)} rows, not {rows.shape[0]}"
+            )
+        metadata = {
+            "format": TOKENS_FORMAT,
+            "key": json.dumps(dict(key), sort_keys=True),
+            "lengths": json.dumps(lengths),
+        }
+        (self.root / TOKENS_DIR).mkdir(exist_ok=True)
+        with atomic_path(self.token_path(role), suffix=".safetensors") as tmp:
+            save_file(
+                {"projections": rows.to(torch.float32).contiguous()}, str(tmp), metadata=metadata
+            )
+
+    def load_tokens(self, role: str, key: Mapping[str, Any]) -> torch.Tensor | None:
+        """A role's committed per-token projections if they were made under ``key``; None
+        when there are none, or they belong to another axis or sample (to be replayed)."""
+        path = self.token_path(role)
+        if not path.is_file():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                rows = fh.get_tensor("projections")
+            lengths = json.loads(meta["lengths"])
+        except Exception as exc:  # a foreign or damaged file is replayed, not trusted
+            logger.warning("%s: unreadable (%s); replaying that role", path, exc)
+            return None
+        fresh = json.dumps(dict(key), sort_keys=True)
+        if meta.get("format") != TOKENS_FORMAT or meta.get("key") != fresh:
+            return None
+        if sum(lengths) != rows.shape[0]:
+            logger.warning("%s: row count disagrees with its answers; replaying that role", path)
+            return None
+        return rows
 
     def roles(self) -> Iterator[str]:
         for path in sorted((self.root / "activations").glob("*.safetensors")):

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..atomic import atomic_path, write_text
 from ..axis import Axis, model_fingerprint
+from ..axis_verdict import bundle_verdict
 from ..calibration import Calibration
 from ..errors import PersonaCompassError
 from ..layers import num_layers
@@ -260,6 +261,7 @@ def write_trait_report(folder: Path, axis: Axis, auroc: Tensor) -> None:
         f"{meta['heldout']['n_test_shows']} vs {meta['heldout']['n_test_avoids']} answers) "
         f"**{meta['monitor_auroc']:.3f}**",
         "",
+        *bundle_verdict(axis).markdown(),
         "## Cosine with other axes at the monitor layer",
         "",
     ]

@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
 
 from ..axis import Axis
-from ..bundle import Bundle
+from ..bundle import Bundle, open_trait_bundles
 from ..capping import CappingConfig
 from ..compass import Answer
 from ..errors import PersonaCompassError
@@ -340,12 +340,15 @@ def create_app(
     axis: Axis,
     capping_config: CappingConfig | None,
     config: ServerConfig,
+    *,
+    traits: Sequence[Axis] = (),
 ) -> FastAPI:
     """The server around an already loaded model, tokenizer, axis and capping config.
 
-    The worker thread starts with the app's lifespan (or with the first request).
+    ``traits`` are trait axes read beside the axis (the telemetry's ``traits`` object). The
+    worker thread starts with the app's lifespan (or with the first request).
     """
-    state = CompassState(model, tokenizer, axis, capping_config, config)
+    state = CompassState(model, tokenizer, axis, capping_config, config, traits)
     return _build_app(config, lambda: state, eager=True)
 
 
@@ -366,6 +369,7 @@ def create_app_from_specs(
     dtype: str | None = None,
     engine: str = "hf",
     engine_options: dict[str, Any] | None = None,
+    traits: Sequence[str | Bundle] = (),
 ) -> FastAPI:
     """The server for an axis bundle (folder, shipped alias or an opened
     :class:`~persona_compass.Bundle`) and a model spec.
@@ -378,6 +382,9 @@ def create_app_from_specs(
     ``engine``: ``hf`` generates one answer at a time in this process; ``vllm`` starts a
     :class:`~persona_compass.engines.vllm_engine.VLLMEngine` (``engine_options`` go to it)
     that batches up to ``config.max_concurrency`` answers.
+
+    ``traits``: trait axis bundles (folders, aliases or opened bundles) read beside the axis
+    on either engine; each must come from the same model.
     """
     from ..engines import check_engine_name
 
@@ -387,6 +394,7 @@ def create_app_from_specs(
 
     def load() -> CompassState:
         bundle = axis_spec if isinstance(axis_spec, Bundle) else Bundle.open(axis_spec)
+        needles = open_trait_bundles(traits, bundle.axis)  # before any model loads
         spec = bundle.model_spec(model_spec)
         cfg = config if config.model_name else replace(config, model_name=spec)
         if engine == "vllm":
@@ -400,10 +408,11 @@ def create_app_from_specs(
                 "multiprocessing": True,
                 **(engine_options or {}),
             }
-            started = VLLMEngine(spec, bundle, dtype=dtype or "auto", **options)
+            started = VLLMEngine(spec, bundle, dtype=dtype or "auto", traits=needles, **options)
             return VLLMCompassState(started, cfg)
         model, tokenizer = bundle.load_model(spec, dtype=dtype)
-        return CompassState(model, tokenizer, bundle.axis, bundle.capping, cfg)
+        axes = [needle.axis for needle in needles]
+        return CompassState(model, tokenizer, bundle.axis, bundle.capping, cfg, axes)
 
     return _build_app(config, load, eager=False)
 

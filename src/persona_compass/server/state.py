@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -33,13 +33,14 @@ from ..errors import PersonaCompassError
 from ..generation import SamplingConfig
 from ..html_chart import BAND_PERCENTILES, calibration_bands
 from ..layers import normalize_layers
-from ..monitor import context_length
+from ..monitor import TurnReading, context_length, needle_names
 from .config import ServerConfig
 from .schemas import CappingSpec, ChatRequest, RequestError
 from .worker import GenerationWorker
 
 CAP_CACHE_SIZE = 32
 DEFAULT_PERCENTILE = 25.0
+TRAIT_BANDS = (50, 75, 95)
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,9 @@ class CompassState:
         axis: Axis,
         capping_config: CappingConfig | None,
         config: ServerConfig,
+        traits: Sequence[Axis] = (),
     ) -> None:
-        self._setup(tokenizer, axis, capping_config, config)
+        self._setup(tokenizer, axis, capping_config, config, traits)
         self.model = model
         self.worker = GenerationWorker(config.queue_size)
 
@@ -84,9 +86,12 @@ class CompassState:
         axis: Axis,
         capping_config: CappingConfig | None,
         config: ServerConfig,
+        traits: Sequence[Axis] = (),
     ) -> None:
         check_cap_mode(config.cap_mode, capping_config)
         self.tokenizer, self.axis = tokenizer, axis
+        self.traits = tuple(traits)
+        self.trait_names = needle_names(self.traits)
         self.capping_config = capping_config
         self.config = config
         self.model_name = config.model_name or str(axis.model_id or "model")
@@ -300,6 +305,7 @@ class CompassState:
             stop=plan.stop,
             on_delta=on_delta,
             cancel=cancel,
+            traits=self.traits,
         )
 
     def telemetry(self, answer: Answer, plan: Plan) -> dict[str, Any]:
@@ -321,7 +327,15 @@ class CompassState:
                 "config": name,
             },
             "monitor_layer": self.axis.layer,
+            **self._trait_telemetry(reading),
         }
+
+    def _trait_telemetry(self, reading: TurnReading) -> dict[str, Any]:
+        """``{"traits": {name: {"projection", "percentile"}}}`` of a reading; nothing when the
+        server reads no trait needles (the telemetry stays as it was)."""
+        if not self.traits:
+            return {}
+        return {"traits": {name: t.to_dict() for name, t in reading.traits.items()}}
 
     def compass_info(self) -> dict[str, Any]:
         """``GET /v1/compass``: the monitor layer's calibration bands and the settings."""
@@ -349,4 +363,23 @@ class CompassState:
             "rules": self.rules.to_dict(),
             "max_tokens_limit": self.config.max_tokens_limit,
             "default_max_tokens": self.default_max_tokens,
+            "traits": [
+                trait_info(name, trait)
+                for name, trait in zip(self.trait_names, self.traits, strict=True)
+            ],
         }
+
+
+def trait_info(name: str, trait: Axis) -> dict[str, Any]:
+    """A trait needle in ``GET /v1/compass``: its layer and the projections of its p50, p75
+    and p95 (a trait drifts upward, so its bands are the high ones)."""
+    try:
+        known = calibration_bands(trait.calibration, trait.layer, TRAIT_BANDS) or {}
+    except (ValueError, PersonaCompassError):
+        known = {}
+    return {
+        "name": name,
+        "layer": trait.layer,
+        "calibrated": trait.calibration is not None,
+        "bands": {f"p{p}": known.get(f"p{p}") for p in TRAIT_BANDS},
+    }

@@ -110,6 +110,10 @@ async def stream_answer(
                     "projection": payload.projection,
                     "percentile": payload.percentile,
                 }
+                if payload.traits:  # running readings of the server's trait needles
+                    chunk["persona_compass"]["traits"] = {
+                        name: t.to_dict() for name, t in payload.traits.items()
+                    }
                 yield sse(chunk)
             elif kind == "done":
                 answer: Answer = payload

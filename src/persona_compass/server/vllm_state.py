@@ -29,7 +29,7 @@ class VLLMCompassState(CompassState):
     engine_name = "vllm"
 
     def __init__(self, engine: VLLMEngine, config: ServerConfig) -> None:
-        self._setup(engine.tokenizer, engine.axis, engine.capping_config, config)
+        self._setup(engine.tokenizer, engine.axis, engine.capping_config, config, engine.traits)
         self.engine = engine
         self.model = None
         self.loop = StreamLoop(engine, max_requests=config.max_concurrency + config.queue_size)

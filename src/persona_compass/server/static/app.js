@@ -20,6 +20,9 @@
     send: $("send"),
     live: $("live-reading"),
     chart: $("chart"),
+    traitPanel: $("trait-panel"),
+    traitChart: $("trait-chart"),
+    traitLegend: $("trait-legend"),
   };
   const SVG_NS = el.chart.namespaceURI; // the SVG namespace, without writing its URL here
   const KEY_STORE = "persona-compass-api-key";
@@ -30,7 +33,9 @@
     monitorLayer: null,
     bands: { p5: null, p25: null, p50: null },
     messages: [], // the conversation, sent whole with every request
-    points: [], // one per assistant turn: {turn, index, projection, percentile, capped, alert, live}
+    points: [], // one per assistant turn: {turn, index, projection, percentile, capped, alert, live, traits}
+    traits: [], // the server's trait needles: names, in GET /v1/compass order
+    traitAlertAt: 75, // the percentile above which a trait's turn alert fires
     capEngagedNext: false,
     busy: false,
     controller: null,
@@ -248,6 +253,56 @@
     }));
     chart.dataset.points = JSON.stringify(exposed);
     chart.dataset.live = String(state.points.some((p) => p.live));
+    drawTraitChart();
+  }
+
+  // One line per trait needle on the percentile scale (each trait has its own units, so
+  // percentiles are what the needles share).
+  function drawTraitChart() {
+    el.traitPanel.hidden = state.traits.length === 0;
+    if (!state.traits.length) return;
+    const W = 480, H = 220, left = 48, right = 40, top = 10, bottom = 30;
+    const chart = el.traitChart;
+    chart.replaceChildren();
+    const nTurns = Math.max(4, state.points.length);
+    const x = (turn) => left + ((turn - 0.5) / nTurns) * (W - left - right);
+    const y = (v) => top + (1 - v / 100) * (H - top - bottom);
+    svg("line", { class: "axis", x1: left, x2: left, y1: top, y2: H - bottom }, chart);
+    svg("line", { class: "axis", x1: left, x2: W - right, y1: H - bottom, y2: H - bottom }, chart);
+    for (const v of [0, 25, 50, 75, 100]) {
+      svg("text", { class: "tick", x: left - 6, y: y(v) + 4, "text-anchor": "end" }, chart)
+        .textContent = String(v);
+    }
+    svg("line", { class: "alert-line", x1: left, x2: W - right, y1: y(state.traitAlertAt),
+      y2: y(state.traitAlertAt) }, chart);
+    const step = Math.ceil(nTurns / 10);
+    for (let t = 1; t <= nTurns; t += step) {
+      svg("text", { class: "tick", x: x(t), y: H - bottom + 16, "text-anchor": "middle" }, chart)
+        .textContent = String(t);
+    }
+    state.traits.forEach((name, i) => {
+      const cls = "needle-" + (i % 5);
+      const pts = state.points.filter((p) => p.traits && num(p.traits[name]) !== null);
+      if (pts.length > 1) {
+        svg("polyline", { class: "needle-line " + cls,
+          points: pts.map((p) => x(p.turn) + "," + y(p.traits[name])).join(" ") }, chart);
+      }
+      for (const p of pts) {
+        const mark = svg("circle", { class: "needle-point " + cls, cx: x(p.turn), cy: y(p.traits[name]),
+          r: p.live ? 3 : 4.5 }, chart);
+        svg("title", {}, mark).textContent = name + ", turn " + p.turn + ": " +
+          percentileText(p.traits[name]) + (p.live ? " (streaming)" : "");
+      }
+    });
+    chart.dataset.points = JSON.stringify(state.points.map((p) => ({
+      turn: p.turn, live: p.live, traits: p.traits || {},
+    })));
+  }
+
+  function traitPercentiles(traits) {
+    const out = {};
+    for (const [name, r] of Object.entries(traits || {})) out[name] = num(r && r.percentile);
+    return out;
   }
 
   // ---- banner and cap state -----------------------------------------------------------
@@ -287,7 +342,7 @@
     answer.li.classList.add("streaming");
     const point = {
       turn: points.length + 1, index: conv.length, projection: null,
-      percentile: null, capped: false, alert: false, engagement: null, live: true,
+      percentile: null, capped: false, alert: false, engagement: null, live: true, traits: {},
     };
     points.push(point);
     let content = "";
@@ -322,6 +377,7 @@
         } else if (num(pc.projection) !== null) {
           point.projection = pc.projection;
           point.percentile = num(pc.percentile);
+          if (pc.traits) point.traits = traitPercentiles(pc.traits);
           el.live.textContent = "Streaming: " + readingText(point) + " after " + pc.n_tokens + " tokens";
           drawChart();
         }
@@ -358,6 +414,7 @@
     point.capped = Boolean(t.capped);
     point.engagement = num(t.cap_engagement);
     point.alert = Boolean(t.alerts && t.alerts.length);
+    point.traits = traitPercentiles(pc.traits || t.traits);
     state.capEngagedNext = Boolean(pc.cap && pc.cap.engaged_next);
     answer.meta.textContent = readingText(point) + (finish === "length" ? " · cut off at the token limit" : "");
     if (point.capped) answer.li.classList.add("capped");
@@ -382,6 +439,17 @@
       state.bands = { p5: num(b.p5), p25: num(b.p25), p50: num(b.p50) };
       const layer = info.monitor_layer === undefined ? "?" : info.monitor_layer;
       el.modelInfo.textContent = (info.model || "model") + " · monitor layer " + layer;
+      state.traits = (info.traits || []).map((t) => t.name);
+      const rule = info.rules && num(info.rules.turn_percentile);
+      state.traitAlertAt = rule === null || rule === undefined ? 75 : 100 - rule;
+      el.traitLegend.replaceChildren();
+      state.traits.forEach((name, i) => {
+        const li = document.createElement("li");
+        const key = document.createElement("span");
+        key.className = "needle-key needle-" + (i % 5);
+        li.append(key, document.createTextNode(" " + name));
+        el.traitLegend.append(li);
+      });
       const canCap = Boolean(info.capping);
       for (const input of el.capSwitch.querySelectorAll("input")) {
         input.disabled = input.value !== "off" && !canCap;

@@ -475,6 +475,7 @@ def print_table(result: dict[str, Any]) -> None:
         "c": "capping + DriftMonitor",
         "d": "reference-style hooks + .item()",
         "e": "DriftMonitor only",
+        "f": "DriftMonitor + 3 trait needles",
     }
     verdict = {True: "PASS", False: "FAIL"}
     for res in result["results"]:

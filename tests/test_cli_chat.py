@@ -556,7 +556,7 @@ def test_chat_trait_needles_get_a_meter_each(chat_setup, tmp_path):
     [meter] = [line for line in plain(result.output).splitlines() if "malice ▕" in line]
     assert meter.rstrip().endswith(f"p{reading['percentile']:.0f}")
     wrong = run_chat(chat_setup, ["/quit"], "--trait", str(chat_setup["bare"]))
-    assert wrong.exit_code == 1 and "is not a trait axis" in wrong.output
+    assert wrong.exit_code == 1 and "is not a trait bundle" in wrong.output
 
 
 def test_live_view_and_meter_of_a_rising_needle():

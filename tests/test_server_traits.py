@@ -178,6 +178,6 @@ def test_serve_refuses_wrong_trait_bundles_before_loading():
 
     runner = CliRunner()
     out = runner.invoke(main, ["serve", "--axis", "smollm2-135m", "--trait", "smollm2-135m"])
-    assert out.exit_code == 1 and "is not a trait axis" in out.output
+    assert out.exit_code == 1 and "is not a trait bundle" in out.output
     out = runner.invoke(main, ["serve", "--axis", "smollm2-135m", "--trait", "no-such-bundle"])
     assert out.exit_code == 1 and "no-such-bundle" in out.output

@@ -230,7 +230,7 @@ def test_streamed_deltas_carry_running_trait_means(engines, tiny):
 # -- refused before vLLM starts ---------------------------------------------------------------
 def test_a_bundle_that_is_not_a_trait_is_refused(tiny):
     _, _, model_dir, axis_dir, traits = tiny
-    with pytest.raises(EngineError, match=r"traits\[1\] is not a trait axis"):
+    with pytest.raises(EngineError, match=f"trait '{axis_dir}' is not a trait bundle"):
         VLLMEngine(str(model_dir), str(axis_dir), traits=[traits["malice"], axis_dir])
 
 

@@ -329,8 +329,21 @@ def open_trait_bundles(specs: Any, beside: Axis) -> list[Bundle]:
     """
     from .monitor import needle_names
 
-    bundles = [spec if isinstance(spec, Bundle) else Bundle.open(spec) for spec in specs]
-    needle_names([b.axis for b in bundles])
-    for bundle in bundles:
+    bundles = []
+    for spec in specs:
+        try:
+            bundle = spec if isinstance(spec, Bundle) else Bundle.open(spec)
+        except AxisFileError as exc:
+            raise AxisFileError(f"trait {str(spec)!r}: {exc}") from None
+        label = str(bundle.folder or spec)
+        meta = bundle.axis.metadata or {}
+        if meta.get("kind") != "trait" or not meta.get("trait"):
+            raise AxisFileError(
+                f"trait {label!r} is not a trait bundle (its bundle.json has no kind 'trait'); "
+                "pass a bundle made by `persona-compass extract --trait NAME` (e.g. "
+                "smollm2-135m-sycophancy)"
+            )
         bundle.axis.check_compatible(beside)
+        bundles.append(bundle)
+    needle_names([b.axis for b in bundles])  # each trait name once
     return bundles

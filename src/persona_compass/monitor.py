@@ -74,6 +74,17 @@ class TraitReading:
         return {"projection": proj, "percentile": self.percentile}
 
 
+def trait_reading(trait: Axis, projection: float, layer: int | None = None) -> TraitReading:
+    """A trait needle's projection with its percentile on its calibration at ``layer``
+    (default: its monitor layer); no percentile without a calibration or a finite value."""
+    calibration = trait.calibration
+    pct = None
+    if calibration is not None and math.isfinite(projection):
+        at = trait.layer if layer is None else layer
+        pct = float(calibration.percentile_of(projection, at))
+    return TraitReading(projection, pct)
+
+
 @dataclass(frozen=True)
 class TurnReading:
     """One turn on the compass: its mean projection, percentile, capping state and alerts.
@@ -234,24 +245,41 @@ class DriftMonitor:
         calibration: Calibration | None = None,
         rules: AlertRules | None = None,
         on_alert: Callable[[Alert], None] | None = None,
+        traits: Sequence[Axis] = (),
+        trait_projections: torch.Tensor | None = None,
     ) -> DriftMonitor:
         """A monitor over projections measured elsewhere (a serving engine), not attached to
         a model: ``read``, ``measure_turn`` and ``end_turn`` work as after a live run.
 
-        ``projections`` is one sequence's per-position values (n_tokens,).
+        ``projections`` is one sequence's per-position values (n_tokens,); with ``traits``,
+        ``trait_projections`` holds the needles' values (len(traits), n_tokens).
         """
         self = cls.__new__(cls)
         chosen = normalize_layer(axis.layer if layer is None else layer, axis.n_layers)
-        self._setup(axis, chosen, calibration, rules, on_alert, max(1, projections.numel()))
+        capacity = max(1, projections.numel())
+        self._setup(axis, chosen, calibration, rules, on_alert, capacity, traits)
         self._block = None
-        self.load(projections)
+        self.load(projections, trait_projections)
         return self
 
-    def load(self, projections: torch.Tensor) -> None:
-        """Replace the token buffer with one sequence's projections (n_tokens,)."""
-        self._buffer.reset()
-        if projections.numel():
-            self._buffer.append(projections.detach().float().reshape(1, -1))
+    def load(
+        self, projections: torch.Tensor, trait_projections: torch.Tensor | None = None
+    ) -> None:
+        """Replace the token buffers with one sequence's readings measured elsewhere: the
+        axis' (n_tokens,) and the needles' (n_traits, n_tokens), in ``trait_names`` order."""
+        n = projections.numel()
+        if self.traits:
+            shape = None if trait_projections is None else tuple(trait_projections.shape)
+            if shape != (len(self.traits), n):
+                raise PersonaCompassError(
+                    f"trait readings of shape {shape} do not fit {len(self.traits)} needles "
+                    f"over {n} tokens; pass one row per needle, as long as the axis' readings"
+                )
+        rows = [projections, *(trait_projections if trait_projections is not None else ())]
+        for buffer, row in zip([self._buffer, *self._trait_buffers], rows, strict=False):
+            buffer.reset()
+            if n:
+                buffer.append(row.detach().float().reshape(1, -1))
 
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> DriftMonitor:
@@ -408,11 +436,7 @@ class DriftMonitor:
     def trait_reading(self, name: str, projection: float) -> TraitReading:
         """A trait needle's mean projection with its percentile on the needle's own scale."""
         i = self._needle(name)
-        calibration = self.traits[i].calibration
-        pct = None
-        if calibration is not None and not math.isnan(projection):
-            pct = float(calibration.percentile_of(projection, self.trait_layers[i]))
-        return TraitReading(projection, pct)
+        return trait_reading(self.traits[i], projection, self.trait_layers[i])
 
     def replay(self, reading: TurnReading) -> None:
         """Take a stored assistant reading into the alert history (no alert is re-raised):
@@ -496,45 +520,6 @@ class DriftMonitor:
         )
         self.turns.append(reading)
         return reading
-
-
-def monitor_from_readings(
-    axis: Axis,
-    projections: torch.Tensor,
-    *,
-    traits: Sequence[Axis] = (),
-    trait_projections: torch.Tensor | None = None,
-    rules: AlertRules | None = None,
-) -> DriftMonitor:
-    """:meth:`DriftMonitor.from_projections` with trait needles: a serving engine's readings
-    of one sequence, the axis' (n_tokens,) and the needles' (len(traits), n_tokens)."""
-    mon = DriftMonitor.__new__(DriftMonitor)
-    layer = normalize_layer(axis.layer, axis.n_layers)
-    mon._setup(axis, layer, None, rules, None, max(1, projections.numel()), traits)
-    mon._block = None
-    load_readings(mon, projections, trait_projections)
-    return mon
-
-
-def load_readings(
-    mon: DriftMonitor, projections: torch.Tensor, trait_projections: torch.Tensor | None = None
-) -> None:
-    """Replace a monitor's buffers with one sequence's readings measured elsewhere: the axis'
-    (n_tokens,) and its needles' (n_traits, n_tokens), in ``mon.trait_names`` order."""
-    n = projections.numel()
-    if mon.traits:
-        shape = None if trait_projections is None else tuple(trait_projections.shape)
-        if shape != (len(mon.traits), n):
-            raise PersonaCompassError(
-                f"trait readings of shape {shape} do not fit {len(mon.traits)} needles over "
-                f"{n} tokens; pass one row per needle, as long as the axis' readings"
-            )
-    mon.load(projections)
-    for i, buffer in enumerate(mon._trait_buffers):
-        buffer.reset()
-        if n:
-            assert trait_projections is not None
-            buffer.append(trait_projections[i].detach().float().reshape(1, -1))
 
 
 @dataclass(frozen=True)

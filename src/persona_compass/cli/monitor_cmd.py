@@ -251,16 +251,15 @@ def _load_traits(specs: tuple[str, ...], model: Any) -> list[Any]:
 
 def _trait_readings(means: Mapping[str, float], traits: list[Any]) -> dict[str, Any]:
     """``{name: {"projection", "percentile"}}`` of one turn's trait needles."""
-    from ..monitor import needle_names
+    from ..monitor import needle_names, trait_reading
 
-    out = {}
-    for name, trait in zip(needle_names(traits), traits, strict=True):
-        value = means[name]
-        pct = None
-        if trait.calibration is not None and math.isfinite(value):
-            pct = float(trait.calibration.percentile_of(value, trait.layer))
-        out[name] = {"projection": value, "percentile": pct}
-    return out
+    return {
+        name: {
+            "projection": means[name],
+            "percentile": trait_reading(trait, means[name]).percentile,
+        }
+        for name, trait in zip(needle_names(traits), traits, strict=True)
+    }
 
 
 def _exit_with_errors(errors: list[tuple[str, str]], *, processed: int) -> None:

@@ -30,7 +30,7 @@ from ..chat import RenderedChat, render_chat
 from ..compass import AdaptiveCap, Answer, Steering, history_readings
 from ..errors import PersonaCompassError
 from ..generation import end_of_turn_ids
-from ..monitor import DriftMonitor, TurnReading, load_readings, monitor_from_readings
+from ..monitor import DriftMonitor, TurnReading
 from .base import CompassRequest, EngineError
 from .vllm_worker import CONFIG_KEY
 
@@ -395,7 +395,7 @@ class VLLMEngine:
         n = len(history_chat.input_ids)
         self._check_read(values, 0, n)
         self._check_read(traits, 0, n)
-        mon = monitor_from_readings(
+        mon = DriftMonitor.from_projections(
             self.axis,
             values[:n],
             traits=self.traits,
@@ -480,9 +480,9 @@ class VLLMEngine:
         self._check_read(traits, prompt_len, min(end, fed))
         if plan.monitor is not None:
             mon = plan.monitor
-            load_readings(mon, projections, traits)
+            mon.load(projections, traits)
         else:
-            mon = monitor_from_readings(
+            mon = DriftMonitor.from_projections(
                 self.axis,
                 projections,
                 traits=self.traits,

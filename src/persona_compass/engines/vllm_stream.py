@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ..compass import Answer, Delta
-from ..monitor import TraitReading, monitor_from_readings
+from ..monitor import DriftMonitor, TraitReading
 from .base import CompassRequest, EngineError
 from .vllm_engine import EnginePlan, VLLMEngine
 
@@ -119,7 +119,7 @@ class StreamLoop:
         self._broken: BaseException | None = None
         self._durations: deque[float] = deque(maxlen=64)
         self.peak_running = 0  # the most requests one step has carried (batching at work)
-        self._gauge = monitor_from_readings(
+        self._gauge = DriftMonitor.from_projections(
             engine.axis,
             torch.zeros(0),
             traits=engine.traits,

@@ -53,7 +53,7 @@ def _unchanged(row: Mapping[str, Any]) -> str:
     return text + {"text": " (on text)", "mixed": " (partly on text)"}.get(str(basis), "")
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
     return out
@@ -95,7 +95,7 @@ def render_markdown(results: Mapping[str, Any], charts: Mapping[str, str]) -> st
     if s.get("command"):
         lines.append(f"- **Command**: `{s['command']}`")
     lines += ["", "Conditions:", ""]
-    lines += _table(
+    lines += md_table(
         ["condition", "what it does"], [[f"`{c['name']}`", c["description"]] for c in conds]
     )
 
@@ -150,9 +150,9 @@ def render_markdown(results: Mapping[str, Any], charts: Mapping[str, str]) -> st
         ]
         for r in results["by_domain_condition"]
     ]
-    lines += _table(header, rows)
+    lines += md_table(header, rows)
     lines += ["", "All domains together:", ""]
-    lines += _table(
+    lines += md_table(
         [
             "condition",
             "runs",
@@ -209,7 +209,7 @@ def render_markdown(results: Mapping[str, Any], charts: Mapping[str, str]) -> st
                         fmt_interval(r["difference"], r["low"], r["high"], digits),
                     ]
                 )
-        lines += _table(["condition", "metric", "pairs", "difference [95% CI]"], prow)
+        lines += md_table(["condition", "metric", "pairs", "difference [95% CI]"], prow)
 
     lines += [
         "",
@@ -233,7 +233,7 @@ def render_markdown(results: Mapping[str, Any], charts: Mapping[str, str]) -> st
                     fmt_interval(r["difference"], r["ci_low"], r["ci_high"], digits),
                 ]
             )
-    lines += _table(
+    lines += md_table(
         ["condition", "metric", "therapy + philosophy", "coding + writing", "difference [95% CI]"],
         crow,
     )
@@ -247,7 +247,7 @@ def render_markdown(results: Mapping[str, Any], charts: Mapping[str, str]) -> st
             cap["method"] + f"; {cap['n_items']} items, {cap['max_new_tokens']} new tokens.",
             "",
         ]
-        lines += _table(
+        lines += md_table(
             [
                 "condition",
                 "accuracy [95% CI]",
@@ -277,7 +277,7 @@ def render_markdown(results: Mapping[str, Any], charts: Mapping[str, str]) -> st
     if sweep:
         rec = sweep["recommendation"]
         lines += ["", "## Capping sweep", ""]
-        lines += _table(
+        lines += md_table(
             [
                 "setting",
                 "rule",

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from .conditions import condition_slug
-from .report_markdown import _table as table
 from .report_markdown import fmt_interval, fmt_number
+from .report_markdown import md_table as table
 
 
 def trait_chart_file(name: str) -> str:

@@ -8,45 +8,24 @@ from pathlib import Path
 from typing import Any
 
 from ..axis import Axis
-from ..bundle import Bundle
+from ..bundle import Bundle, open_trait_bundles
 from ..errors import PersonaCompassError
 from ..monitor import needle_names
 from .run_store import EvaluationError, bundle_digest
 
-TRAIT_FIX = (
-    "pass a bundle made by `persona-compass extract --trait NAME` (e.g. smollm2-135m-sycophancy)"
-)
-
 
 def open_traits(specs: Sequence[str | Path], axis: Axis) -> list[Bundle]:
-    """The trait bundles ``specs`` name, each a trait axis of the axis' model, names distinct.
+    """The trait bundles ``specs`` name, each a trait axis of the axis' model, names distinct
+    (:func:`~persona_compass.bundle.open_trait_bundles`).
 
     Raises:
         EvaluationError: a spec that is no readable bundle, no trait bundle, one of another
             model, or two bundles of one trait.
     """
-    bundles = []
-    for spec in specs:
-        try:
-            bundle = Bundle.open(spec)
-        except PersonaCompassError as exc:
-            raise EvaluationError(f"trait {str(spec)!r}: {exc}") from None
-        meta = bundle.axis.metadata or {}
-        if meta.get("kind") != "trait" or not meta.get("trait"):
-            raise EvaluationError(
-                f"trait {str(spec)!r} is not a trait bundle (its bundle.json has no kind "
-                f"'trait'); {TRAIT_FIX}"
-            )
-        try:
-            axis.check_compatible(bundle.axis)
-        except PersonaCompassError as exc:
-            raise EvaluationError(f"trait {str(spec)!r}: {exc}") from None
-        bundles.append(bundle)
     try:
-        needle_names([b.axis for b in bundles])
+        return open_trait_bundles(specs, axis)
     except PersonaCompassError as exc:
         raise EvaluationError(str(exc)) from None
-    return bundles
 
 
 def trait_names(bundles: Sequence[Bundle]) -> list[str]:
